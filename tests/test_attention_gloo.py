@@ -1,0 +1,77 @@
+"""MultiHeadAttention on real gloo process groups (one OS process per rank)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.debug import CommDebugMode
+
+from tests.harness import assert_rel_close, run_gloo
+from tests.test_attention import (
+    CFG,
+    FP32_TOL,
+    check_against_reference,
+    forward_backward,
+    reference_case,
+)
+from tp_attention import MultiHeadAttention, full_state_dict, load_full_state_dict
+
+GQA = dict(CFG, num_heads=4, num_kv_heads=1)
+
+
+def comm_counts(mode: CommDebugMode) -> dict[str, int]:
+    return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items() if n}
+
+
+def on_every_rank(rank, world, cases):
+    """Everything the gloo tests check, in one spawn to pay the start-up once."""
+    group = dist.group.WORLD
+    out = {"equivalence": [], "counts": {}}
+    for cfg, state, x, mask, grad_out in cases:
+        mha = MultiHeadAttention(**cfg, tp_group=group)
+        load_full_state_dict(mha, state)
+        out["equivalence"].append(forward_backward(mha, x, mask, grad_out))
+
+    for name, cfg in [("mha", CFG), ("mqa", GQA)]:
+        mha = MultiHeadAttention(**cfg, tp_group=group)
+        x = torch.randn(2, 8, cfg["emb_size"], requires_grad=True)
+        with CommDebugMode() as forward_mode:
+            y = mha(x)
+        with CommDebugMode() as backward_mode:
+            y.sum().backward()
+        out["counts"][name] = (comm_counts(forward_mode), comm_counts(backward_mode))
+
+    torch.manual_seed(0)  # every rank seeds alike: the same full weights, the same dropout mask
+    mha = MultiHeadAttention(**dict(CFG, dropout=0.5), tp_group=group)
+    out["full_weights"] = full_state_dict(mha)
+    torch.manual_seed(1)
+    out["dropout_output"] = mha(torch.ones(2, 8, 32)).detach()
+    return out
+
+
+def dropout_reference():
+    torch.manual_seed(0)
+    ref = MultiHeadAttention(**dict(CFG, dropout=0.5))
+    torch.manual_seed(1)
+    return ref.state_dict(), ref(torch.ones(2, 8, 32)).detach()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_attention_on_gloo(world):
+    references = [reference_case(CFG, "key_padding_bool"), reference_case(GQA, "additive")]
+    cases = [(cfg, ref.state_dict(), x, mask, g) for cfg, (ref, x, mask, g) in zip([CFG, GQA], references, strict=True)]
+    results = run_gloo(world, on_every_rank, cases)
+
+    for i, (ref, x, mask, grad_out) in enumerate(references):
+        check_against_reference([r["equivalence"][i] for r in results], ref, x, mask, grad_out)
+
+    for r in results:  # one all-reduce forward (g), one backward (f); replicated KV heads add one per K, V
+        assert r["counts"]["mha"] == ({"allreduce_": 1}, {"allreduce_": 1})
+        assert r["counts"]["mqa"] == ({"allreduce_": 1}, {"allreduce_": 3})
+
+    state, y_ref = dropout_reference()
+    for r in results:
+        assert all(torch.equal(r["full_weights"][n], state[n]) for n in state), "init depends on tp"
+        assert_rel_close(r["dropout_output"], y_ref, FP32_TOL, "dropout output vs unsharded")
+    assert (y_ref == 0).float().mean() > 0.3  # dropout really dropped

@@ -1,0 +1,206 @@
+"""f/g operators, parallel linears and the mesh helper, checked against their definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tests.harness import assert_rel_close, run_threaded
+from tp_attention import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tp,
+    full_grads,
+    full_state_dict,
+    gather_from_sp,
+    gather_from_tp,
+    init_parallel_groups,
+    load_full_state_dict,
+    mappings,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+)
+
+
+def per_rank_input(rank: int, shape=(2, 4, 8)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(rank)).requires_grad_()
+
+
+def apply_op(rank, world, name):
+    """Run one operator on a rank-dependent input; backward a rank-dependent upstream gradient."""
+    group = dist.group.WORLD
+    op = {"copy": copy_to_tp, "reduce": reduce_from_tp, "scatter": scatter_to_tp, "gather": gather_from_tp,
+          "gather_sp": gather_from_sp, "reduce_scatter_sp": reduce_scatter_to_sp}[name]
+    x = per_rank_input(rank)
+    y = op(x.clone(), group)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(100 + rank))
+    y.backward(grad)
+    return y.detach(), grad, x.grad
+
+
+def expected(name: str, r: int, xs: list, grads: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forward output, input gradient) of rank r, from the operator's definition."""
+    n = len(xs)
+    if name == "copy":
+        return xs[r], sum(grads)
+    if name == "reduce":
+        return sum(xs), grads[r]
+    if name == "scatter":
+        return xs[r].chunk(n, -1)[r], torch.cat(grads, -1)
+    if name == "gather":
+        return torch.cat(xs, -1), grads[r].chunk(n, -1)[r]
+    if name == "gather_sp":
+        return torch.cat(xs, 1), sum(grads).chunk(n, 1)[r]
+    return sum(xs).chunk(n, 1)[r], torch.cat(grads, 1)  # reduce_scatter_sp
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["copy", "reduce", "scatter", "gather", "gather_sp", "reduce_scatter_sp"])
+def test_operators_match_their_definition(name, world):
+    results = run_threaded(world, apply_op, name)
+    xs = [per_rank_input(r).detach() for r in range(world)]
+    grads = [g for _, g, _ in results]
+    for r, (y, _, dx) in enumerate(results):
+        expected_y, expected_dx = expected(name, r, xs, grads)
+        assert torch.allclose(y, expected_y, atol=1e-6), f"{name} forward, rank {r}"
+        assert torch.allclose(dx, expected_dx, atol=1e-6), f"{name} backward, rank {r}"
+
+
+def test_reduce_scatter_falls_back_to_all_reduce(monkeypatch):
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("reduce_scatter is not supported by this backend")
+
+    monkeypatch.setattr(mappings.dist, "reduce_scatter", unsupported)
+    results = run_threaded(2, apply_op, "reduce_scatter_sp")
+    total = per_rank_input(0).detach() + per_rank_input(1).detach()
+    for r, (y, _, _) in enumerate(results):
+        assert torch.allclose(y, total.chunk(2, 1)[r], atol=1e-6)
+
+
+def test_operators_are_identity_without_a_group():
+    x = torch.randn(3, 4, requires_grad=True)
+    for op in (copy_to_tp, reduce_from_tp, scatter_to_tp, gather_from_tp, gather_from_sp, reduce_scatter_to_sp):
+        assert op(x, None) is x
+
+
+def test_reduce_from_tp_does_not_corrupt_a_shared_gradient():
+    def run(rank, world):
+        x = per_rank_input(rank)
+        y = copy_to_tp(x, dist.group.WORLD)
+        (y + y * 0).sum().backward()  # both branches receive one gradient tensor
+        return x.grad
+
+    for grad in run_threaded(2, run):
+        assert torch.allclose(grad, torch.full_like(grad, 2.0))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parallel_linears_at_tp1_are_nn_linear(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 12, bias=bias)
+    for layer in (ColumnParallelLinear(8, 12, bias=bias), RowParallelLinear(8, 12, bias=bias)):
+        assert (layer.in_features, layer.out_features) == (8, 12)
+        assert layer.weight.shape == linear.weight.shape and (layer.bias is None) == (not bias)
+        layer.load_state_dict(linear.state_dict())
+        x = torch.randn(5, 8)
+        assert torch.equal(layer(x), linear(x))
+
+
+def test_default_init_matches_nn_linear_distribution():
+    torch.manual_seed(0)
+    reference = nn.Linear(256, 256)
+    torch.manual_seed(0)
+    ours = ColumnParallelLinear(256, 256)
+    bound = 1 / 16
+    for p in (ours.weight, ours.bias):
+        assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    assert abs(ours.weight.std().item() - reference.weight.std().item()) < 2e-3
+
+
+def linear_case(rank, world, kind, state, x, grad_out, gen_seed):
+    group = dist.group.WORLD
+    gen = torch.Generator().manual_seed(gen_seed)
+    layer = (ColumnParallelLinear(8, 12, tp_group=group, gather_output=True, generator=gen) if kind == "column"
+             else RowParallelLinear(8, 12, tp_group=group, input_is_parallel=False, generator=gen))
+    full_init = full_state_dict(layer)
+    load_full_state_dict(layer, state)
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(grad_out)
+    return full_init, y.detach(), x.grad, full_grads(layer)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_parallel_linears_equal_nn_linear(kind, world):
+    linear = (ColumnParallelLinear if kind == "column" else RowParallelLinear)(
+        8, 12, generator=torch.Generator().manual_seed(3))
+    x, grad_out = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    xr = x.clone().requires_grad_()
+    linear(xr).backward(grad_out)
+    for init, y, dx, grads in run_threaded(world, linear_case, kind, linear.state_dict(), x, grad_out, 3):
+        assert all(torch.equal(init[n], t) for n, t in linear.state_dict().items()), "init depends on tp"
+        assert_rel_close(y, linear(x).detach(), 1e-6, "output")
+        assert_rel_close(dx, xr.grad, 1e-6, "input grad")
+        for name, p in linear.named_parameters():
+            assert_rel_close(grads[name], p.grad, 1e-6, name)
+
+
+def test_row_bias_is_added_once():
+    def run(rank, world):
+        layer = RowParallelLinear(8, 4, tp_group=dist.group.WORLD, input_is_parallel=True)
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.bias.fill_(1.0)
+        return layer(torch.randn(3, 4))
+
+    for y in run_threaded(2, run):
+        assert torch.equal(y, torch.ones(3, 4))
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [(lambda g: ColumnParallelLinear(8, 10, tp_group=g), r"out_features = 10 must be divisible .* = 4"),
+     (lambda g: RowParallelLinear(6, 8, tp_group=g), r"in_features = 6 must be divisible by tp_size = 4"),
+     (lambda g: ColumnParallelLinear(8, 12, tp_group=g, num_shards=3), r"num_shards = 3 must divide tp_size = 4"),
+     (lambda g: ColumnParallelLinear(8, 12, tp_group=g, num_shards=2, gather_output=True), r"gather_output")],
+)
+def test_indivisible_sizes_name_both_numbers(build, message):
+    def run(rank, world):
+        with pytest.raises(ValueError, match=message):
+            build(dist.group.WORLD)
+
+    run_threaded(4, run)
+
+
+def test_mesh_helper_builds_dp_and_tp_groups():
+    def run(rank, world):
+        groups = init_parallel_groups(tp=2, device_type="cpu")
+        tp_peers = dist.get_process_group_ranks(groups.tp_group)
+        dp_peers = dist.get_process_group_ranks(groups.dp_group)
+        return groups.dp_size, groups.tp_size, groups.dp_rank, groups.tp_rank, tp_peers, dp_peers
+
+    for rank, result in enumerate(run_threaded(4, run)):
+        dp, tp = divmod(rank, 2)
+        assert result == (2, 2, dp, tp, [2 * dp, 2 * dp + 1], [tp, tp + 2])
+
+
+def test_mesh_helper_rejects_a_tp_that_does_not_divide_the_world():
+    def run(rank, world):
+        with pytest.raises(ValueError, match=r"world_size = 4 must be a positive multiple of tp = 3"):
+            init_parallel_groups(tp=3, device_type="cpu")
+
+    run_threaded(4, run)
+
+
+def test_threaded_process_group_sums_across_threads():
+    """Pins the private threaded backend the single-process tests stand on."""
+    def run(rank, world):
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t)
+        return t.item()
+
+    assert run_threaded(4, run) == [6.0] * 4

@@ -1,0 +1,35 @@
+"""tp-attention: tensor-parallel multi-head attention and a small GPT built on it."""
+
+from tp_attention.attention import MultiHeadAttention
+from tp_attention.distributed import ParallelGroups, init_parallel_groups, tp_rank, tp_size
+from tp_attention.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
+from tp_attention.mappings import (
+    copy_to_tp,
+    gather_from_sp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+)
+from tp_attention.state_dict import full_grads, full_state_dict, gather_full, load_full_state_dict
+
+__all__ = [
+    "ColumnParallelLinear",
+    "MultiHeadAttention",
+    "ParallelGroups",
+    "RowParallelLinear",
+    "ShardSpec",
+    "copy_to_tp",
+    "full_grads",
+    "full_state_dict",
+    "gather_from_sp",
+    "gather_from_tp",
+    "gather_full",
+    "init_parallel_groups",
+    "load_full_state_dict",
+    "reduce_from_tp",
+    "reduce_scatter_to_sp",
+    "scatter_to_tp",
+    "tp_rank",
+    "tp_size",
+]

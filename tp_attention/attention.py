@@ -1,0 +1,267 @@
+"""Multi-head attention with whole heads sharded over the tensor-parallel group.
+
+    x ──f──┬─ _q (column) ─┐
+           ├─ _k (column) ─┼─ SDPA on local heads ─ _layer (row) ─g─ + bias ─ dropout ─> y
+           └─ _v (column) ─┘
+
+f (`copy_to_tp`) is applied once for Q, K and V: one all-reduce of dx in backward. g, inside the
+row-parallel `_layer`, is one all-reduce of y in forward. Nothing else communicates (except the
+gradient sum over replicated KV heads when there are fewer KV heads than ranks).
+
+The API follows the simple-llm seed document: `MultiHeadAttention(num_heads, emb_size, head_size,
+max_seq_len)`, `forward(x, mask=None)` and `_heads[i].get_attention_weights(x)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
+from tp_attention.layers import ColumnParallelLinear, RowParallelLinear
+from tp_attention.mappings import copy_to_tp, gather_from_tp
+
+MASK_HELP = (
+    "a mask is [B, T] (key padding: 1/True = attend), [T, T], [B, T, T] or [B, H, T, T] "
+    "(bool/integer: True = may attend; float: added to the scores)"
+)
+
+
+def check_input(x: object, emb_size: int, max_seq_len: int, weight: torch.Tensor) -> None:
+    """Raise TypeError/ValueError unless `x` is a `[B, T, emb_size]` float tensor with T <= max_seq_len."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D [batch, seq_len, emb_size], got shape {tuple(x.shape)}")
+    batch, seq_len, emb = x.shape
+    if emb != emb_size:
+        raise ValueError(f"last dim of x must equal emb_size = {emb_size}, got {emb}")
+    if batch == 0 or seq_len == 0:
+        raise ValueError(f"x must hold at least one sequence of one token, got shape {tuple(x.shape)}")
+    if seq_len > max_seq_len:
+        raise ValueError(f"seq_len = {seq_len} exceeds max_seq_len = {max_seq_len}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x has dtype {x.dtype} but the weights are {weight.dtype}; cast one of them")
+
+
+def normalize_mask(mask: object, batch: int, seq_q: int, seq_k: int, num_heads: int) -> torch.Tensor:
+    """Return `mask` as a 4-D `[B|1, H|1, Tq|1, Tk]` tensor: bool (True = may attend) or float (additive).
+
+    Raises:
+        TypeError: mask is not a tensor.
+        ValueError: its shape or dtype is not one of the accepted kinds (see MASK_HELP).
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise ValueError(f"mask dtype must be bool, integer or float, got {mask.dtype}")
+    shape = tuple(mask.shape)
+    if mask.dim() == 2 and shape == (batch, seq_k) and shape != (seq_q, seq_k):
+        if mask.is_floating_point() and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("a [B, T] key-padding mask holds 1/True (attend) or 0/False (ignore)")
+        return (mask != 0)[:, None, None, :]
+    if mask.dim() == 2 and shape == (seq_q, seq_k):
+        if batch != 1 and batch == seq_q:
+            raise ValueError(
+                f"a 2-D mask of shape {shape} is ambiguous when batch == seq_len == {batch}: "
+                "pass key padding as mask[:, None, :] ([B, 1, T]) or a pattern as mask[None] ([1, T, T])"
+            )
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    elif mask.dim() != 4:
+        raise ValueError(f"mask of shape {shape} not understood: {MASK_HELP}")
+    b, h, tq, tk = mask.shape
+    if b not in (1, batch) or h not in (1, num_heads) or tq not in (1, seq_q) or tk != seq_k:
+        raise ValueError(
+            f"mask of shape {shape} does not match batch = {batch}, num_heads = {num_heads}, "
+            f"seq_len = {seq_q}: {MASK_HELP}"
+        )
+    return mask if mask.is_floating_point() else mask != 0
+
+
+class HeadView:
+    """One attention head held by this rank: a window onto its MultiHeadAttention, not a module.
+
+    `index` is the head's position among this rank's heads; `global_index` among all heads.
+    """
+
+    def __init__(self, mha: MultiHeadAttention, index: int) -> None:
+        self._mha, self.index = mha, index
+        self.global_index = mha.head_offset + index
+
+    def get_attention_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax weights `[B, T, T]` this head uses for `x` (causal and masked; no dropout)."""
+        return self._mha.get_attention_weights(x, mask)[:, self.index]
+
+    def __repr__(self) -> str:
+        return f"HeadView(head={self.global_index} of {self._mha.num_heads})"
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention whose heads are split over `tp_group`.
+
+    Args:
+        num_heads: query heads in total (all ranks); must be divisible by tp_size.
+        emb_size: model width E (input and output); need not equal num_heads * head_size.
+        head_size: width D of one head.
+        max_seq_len: longest sequence accepted.
+        dropout: dropout probability on the output. The output is replicated over the TP group,
+            so at tp > 1 it draws the same mask on every rank provided the ranks' default RNGs are
+            in the same state (seed them alike); it then equals the unsharded layer's dropout.
+        num_kv_heads: key/value heads (GQA; 1 = MQA). Default num_heads. Valid at tp > 1 when
+            num_kv_heads % tp == 0 (KV heads split) or tp % num_kv_heads == 0 (each KV head
+            replicated on tp / num_kv_heads ranks, gradients summed over the replicas).
+        causal: mask future positions.
+        bias: biases on the Q/K/V and output projections.
+        tp_group: the tensor-parallel group, or None for no parallelism.
+        init_std, out_init_std: None for nn.Linear's init; else N(0, std) weights for Q/K/V and
+            the output projection (out_init_std defaults to init_std).
+        generator: RNG for the full weights (default: torch's global RNG).
+
+    Shapes: forward(x `[B, T, E]`, mask) -> `[B, T, E]`.
+
+    Raises:
+        ValueError: a size is not positive, num_heads % tp_size != 0, or num_kv_heads is invalid.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        emb_size: int,
+        head_size: int,
+        max_seq_len: int,
+        dropout: float = 0.1,
+        *,
+        num_kv_heads: int | None = None,
+        causal: bool = True,
+        bias: bool = True,
+        tp_group: ProcessGroup | None = None,
+        init_std: float | None = None,
+        out_init_std: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in [("num_heads", num_heads), ("emb_size", emb_size), ("head_size", head_size),
+                            ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads or num_heads)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        tp = tp_size(tp_group)
+        num_kv_heads = num_kv_heads or num_heads
+        local_heads = divide(num_heads, tp, "num_heads")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads = {num_heads} must be divisible by num_kv_heads = {num_kv_heads}")
+        if num_kv_heads % tp != 0 and tp % num_kv_heads != 0:
+            raise ValueError(
+                f"num_kv_heads = {num_kv_heads} must be divisible by tp_size = {tp} or divide it"
+            )
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.emb_size, self.max_seq_len, self.causal = emb_size, max_seq_len, causal
+        self.tp_group = tp_group
+        self.local_heads = local_heads
+        self.local_kv_heads = max(num_kv_heads // tp, 1)
+        self.head_offset = tp_rank(tp_group) * self.local_heads
+
+        common = dict(bias=bias, tp_group=tp_group, copy_input=False, init_std=init_std, generator=generator)
+        kv_shards = min(num_kv_heads, tp)
+        self._q = ColumnParallelLinear(emb_size, num_heads * head_size, **common)
+        self._k = ColumnParallelLinear(emb_size, num_kv_heads * head_size, num_shards=kv_shards, **common)
+        self._v = ColumnParallelLinear(emb_size, num_kv_heads * head_size, num_shards=kv_shards, **common)
+        self._layer = RowParallelLinear(
+            num_heads * head_size, emb_size, bias=bias, tp_group=tp_group, input_is_parallel=True,
+            init_std=out_init_std if out_init_std is not None else init_std, generator=generator,
+        )
+        self._dropout = nn.Dropout(dropout)
+
+    @property
+    def _heads(self) -> tuple[HeadView, ...]:
+        """One view per head on this rank (`num_heads / tp_size` of them)."""
+        return tuple(HeadView(self, i) for i in range(self.local_heads))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Local-head queries `(B, H_local, T, D)` and keys/values `(B, KV_local, T, D)`."""
+        batch, seq_len, _ = x.shape
+        x = copy_to_tp(x, self.tp_group)  # f: one all-reduce of dx for Q, K and V together
+        q = self._q(x).view(batch, seq_len, self.local_heads, self.head_size)
+        k = self._k(x).view(batch, seq_len, self.local_kv_heads, self.head_size)
+        v = self._v(x).view(batch, seq_len, self.local_kv_heads, self.head_size)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _combined_mask(
+        self, mask: torch.Tensor | None, batch: int, seq_q: int, seq_k: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The user's mask (local heads) combined with the causal one, and which query rows keep a key.
+
+        Returns `(attn_mask, has_key)`: attn_mask is bool (True = attend), float (additive) or None;
+        has_key `(B|1, H|1, Tq, 1)` is False on rows whose every key is masked (None if there are
+        none to fear). Such rows are given all keys here and zeroed afterwards, so nothing is NaN.
+        """
+        causal = None
+        if self.causal:
+            causal = torch.ones(seq_q, seq_k, dtype=torch.bool, device=like.device).tril(seq_k - seq_q)
+        if mask is None:
+            return causal, None
+        mask = normalize_mask(mask, batch, seq_q, seq_k, self.num_heads).to(like.device)
+        if mask.size(1) == self.num_heads:
+            mask = mask[:, self.head_offset : self.head_offset + self.local_heads]
+        if mask.dtype == torch.bool:
+            allowed = mask if causal is None else mask & causal
+            has_key = allowed.any(-1, keepdim=True)
+            return allowed | ~has_key, has_key
+        additive = mask.to(like.dtype)
+        if causal is not None:
+            additive = additive.masked_fill(~causal, float("-inf"))
+        has_key = (additive > float("-inf")).any(-1, keepdim=True)
+        return additive.masked_fill(~has_key, 0.0), has_key
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over `x` `[B, T, E]` (optionally masked, see `normalize_mask`); returns `[B, T, E]`.
+
+        A query row whose every key is masked attends to nothing: its head output is zero.
+        """
+        check_input(x, self.emb_size, self.max_seq_len, self._q.weight)
+        batch, seq_len, _ = x.shape
+        q, k, v = self._project(x)  # (B, H_local, T, D), (B, KV_local, T, D) x2
+        gqa = self.local_kv_heads != self.local_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=gqa)
+        else:
+            attn_mask, has_key = self._combined_mask(mask, batch, seq_len, seq_len, q)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = y * has_key  # rows with no key attend to nothing
+        y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_size)  # (B, T, H_local*D)
+        return self._dropout(self._layer(y))  # row-parallel: g all-reduces, bias added once
+
+    def get_attention_weights(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, gather: bool = False
+    ) -> torch.Tensor:
+        """Softmax weights used by `forward` (no dropout): `[B, H_local, T, T]` for this rank's heads.
+
+        With `gather=True` every rank gets all `[B, num_heads, T, T]` (a collective: call it on
+        every rank of the group). Fully masked query rows are all zeros.
+        """
+        check_input(x, self.emb_size, self.max_seq_len, self._q.weight)
+        batch, seq_len, _ = x.shape
+        q, k, _ = self._project(x)
+        k = k.repeat_interleave(self.local_heads // self.local_kv_heads, dim=1)  # (B, H_local, T, D)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, H_local, T, T)
+        attn_mask, has_key = self._combined_mask(mask, batch, seq_len, seq_len, scores)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        weights = scores.softmax(dim=-1)
+        if has_key is not None:
+            weights = weights * has_key
+        return gather_from_tp(weights.contiguous(), self.tp_group, dim=1) if gather else weights
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_size={self.head_size}, "
+                f"emb_size={self.emb_size}, local_heads={self.local_heads}, causal={self.causal}")

@@ -1,0 +1,93 @@
+"""Process-group helpers: who is in the tensor-parallel group, and a `(dp, tp)` mesh builder.
+
+Every TP layer takes its group explicitly (`tp_group`). `None` means "no tensor parallelism":
+tp_size 1, rank 0, and no collective is ever issued, whether or not a process group exists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+ProcessGroup = dist.ProcessGroup
+
+
+def tp_size(group: ProcessGroup | None) -> int:
+    """Number of ranks in `group`; 1 for `None`."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def tp_rank(group: ProcessGroup | None) -> int:
+    """This process's rank inside `group`; 0 for `None`."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    """`numerator // denominator`, or a ValueError naming both numbers when it does not divide."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} = {numerator} must be divisible by tp_size = {denominator}")
+    return numerator // denominator
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The `(dp, tp)` device mesh and its two process groups.
+
+    Ranks `[d * tp, (d + 1) * tp)` form one TP group (neighbours share a node first); ranks with
+    the same TP rank form one DP group.
+    """
+
+    mesh: DeviceMesh
+    dp_group: ProcessGroup
+    tp_group: ProcessGroup
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.size(0)
+
+    @property
+    def tp_size(self) -> int:
+        return self.mesh.size(1)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.get_local_rank("dp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.mesh.get_local_rank("tp")
+
+
+def default_device_type() -> str:
+    """`"cuda"` when this process can see a GPU, else `"cpu"`."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_parallel_groups(
+    tp: int, device_type: str | None = None, timeout_s: float | None = None
+) -> ParallelGroups:
+    """Build the `(dp, tp)` mesh over all ranks (initialising the default process group if needed).
+
+    The backend is gloo for `device_type="cpu"` and nccl for `"cuda"`. Reads the usual
+    torchrun environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...) when it has to initialise.
+
+    Raises:
+        ValueError: `tp` is not positive or does not divide the world size.
+    """
+    device_type = device_type or default_device_type()
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timeout)
+    world = dist.get_world_size()
+    if tp < 1 or world % tp != 0:
+        raise ValueError(f"world_size = {world} must be a positive multiple of tp = {tp}")
+    mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return ParallelGroups(mesh, mesh.get_group("dp"), mesh.get_group("tp"))

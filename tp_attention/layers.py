@@ -1,0 +1,217 @@
+"""Column- and row-parallel linear layers (Megatron-LM, arXiv:1909.08053).
+
+    ColumnParallelLinear   Y_local = X @ W_local^T + b_local     W: [out / tp, in]
+    RowParallelLinear      Y = g(X_local @ W_local^T) + b       W: [out, in / tp]
+
+Initialisation does not depend on tp: every rank draws the *full* weight from the same generator
+and keeps its slice, so one seed gives the same logical layer at tp = 1, 2, 4, ...
+`ShardSpec` records how each parameter is sliced; `tp_attention.state_dict` uses it to gather
+and scatter full tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
+from tp_attention.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """A parameter split into `num_shards` contiguous chunks along `dim`.
+
+    TP rank `r` of `tp` holds chunk `r * num_shards // tp`. Usually `num_shards == tp`; with
+    `num_shards < tp` each chunk is replicated on `tp / num_shards` neighbouring ranks (the KV heads
+    of grouped-query attention when there are fewer KV heads than ranks).
+    """
+
+    dim: int
+    num_shards: int
+
+    def index(self, rank: int, tp: int) -> int:
+        return rank * self.num_shards // tp
+
+    def slice(self, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+        """This rank's chunk of the full tensor."""
+        return full.chunk(self.num_shards, dim=self.dim)[self.index(rank, tp)]
+
+
+def init_full_weight(
+    out_features: int,
+    in_features: int,
+    std: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full `[out, in]` weight and `[out]` bias drawn from `generator` (default RNG if None).
+
+    `std=None` gives nn.Linear's default (uniform in ±1/sqrt(in) for both); otherwise
+    weight ~ N(0, std) and bias = 0 (GPT-2 / nanoGPT).
+    """
+    weight = torch.empty(out_features, in_features)
+    bias = torch.zeros(out_features)
+    if std is None:
+        bound = 1.0 / math.sqrt(in_features)
+        weight.uniform_(-bound, bound, generator=generator)
+        bias.uniform_(-bound, bound, generator=generator)
+    else:
+        weight.normal_(0.0, std, generator=generator)
+    return weight, bias
+
+
+class _SumGradOverReplicas(torch.autograd.Function):
+    """Identity forward; backward sums each gradient over the ranks holding the same shard.
+
+    Every rank writes its gradients into row `index` of a zero `[num_shards, n]` buffer, one
+    all-reduce over the TP group sums the replicas, and each rank reads its row back.
+    """
+
+    @staticmethod
+    def forward(ctx, spec, group, *params):
+        ctx.spec, ctx.group = spec, group
+        return params
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        index = ctx.spec.index(tp_rank(ctx.group), tp_size(ctx.group))
+        buffer = flat.new_zeros(ctx.spec.num_shards, flat.numel())
+        buffer[index] = flat
+        dist.all_reduce(buffer, group=ctx.group)
+        summed = buffer[index].split([g.numel() for g in grads])
+        return (None, None, *(s.view_as(g) for s, g in zip(summed, grads, strict=True)))
+
+
+class ColumnParallelLinear(nn.Module):
+    """`y = x @ W^T + b` with the output features split over the TP group.
+
+    Args:
+        in_features, out_features: full (logical) sizes, as for nn.Linear.
+        bias: learn an additive bias (sharded like the output).
+        tp_group: the tensor-parallel group, or None for no parallelism.
+        gather_output: all-gather the output so every rank gets `[*, out_features]`.
+        copy_input: apply f (all-reduce of the input gradient in backward). Pass False when
+            the caller applies `copy_to_tp` once for several layers reading the same input.
+        num_shards: split the output in this many chunks (default tp_size). A divisor of
+            tp_size replicates each chunk on `tp_size / num_shards` ranks and sums its
+            gradients over those replicas.
+        init_std: None for nn.Linear's init, else N(0, init_std) weights and zero bias.
+        generator: RNG for the full weight (default: torch's global RNG).
+
+    Shapes: x `[*, in_features]` -> y `[*, out_features / num_shards]` (or full if gathered).
+
+    Raises:
+        ValueError: out_features is not divisible by num_shards, or num_shards does not divide
+            tp_size.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        tp_group: ProcessGroup | None = None,
+        gather_output: bool = False,
+        copy_input: bool = True,
+        num_shards: int | None = None,
+        init_std: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        tp = tp_size(tp_group)
+        num_shards = num_shards or tp
+        if tp % num_shards != 0:
+            raise ValueError(f"num_shards = {num_shards} must divide tp_size = {tp}")
+        if num_shards != tp and gather_output:
+            raise ValueError(f"gather_output needs num_shards == tp_size, got {num_shards} != {tp}")
+        if out_features % num_shards != 0:
+            raise ValueError(f"out_features = {out_features} must be divisible by the number of shards"
+                             f" = {num_shards} (tp_size = {tp})")
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_group, self.gather_output, self.copy_input = tp_group, gather_output, copy_input
+        spec = ShardSpec(dim=0, num_shards=num_shards)
+        self.tp_shards = {"weight": spec, "bias": spec}
+        weight, full_bias = init_full_weight(out_features, in_features, init_std, generator)
+        rank = tp_rank(tp_group)
+        self.weight = nn.Parameter(spec.slice(weight, rank, tp).clone())
+        self.bias = nn.Parameter(spec.slice(full_bias, rank, tp).clone()) if bias else None
+
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        spec = self.tp_shards["weight"]
+        if spec.num_shards == tp_size(self.tp_group):
+            return self.weight, self.bias
+        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        summed = _SumGradOverReplicas.apply(spec, self.tp_group, *params)
+        return summed[0], (summed[1] if self.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.copy_input:
+            x = copy_to_tp(x, self.tp_group)
+        weight, bias = self._params()
+        y = F.linear(x, weight, bias)  # (*, out / num_shards)
+        return gather_from_tp(y, self.tp_group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        shards = self.tp_shards["weight"].num_shards
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, num_shards={shards}, tp_size={tp_size(self.tp_group)}")
+
+
+class RowParallelLinear(nn.Module):
+    """`y = x @ W^T + b` with the input features split over the TP group.
+
+    Each rank multiplies its slice of the input by its `[out, in / tp]` weight slice; g
+    all-reduces the partial sums, and the (replicated) bias is added once, after the reduce.
+
+    Args:
+        in_features, out_features: full (logical) sizes, as for nn.Linear.
+        bias: learn an additive bias (replicated on every rank).
+        tp_group: the tensor-parallel group, or None for no parallelism.
+        input_is_parallel: the input is already split along its last dim (the output of a
+            column-parallel layer); otherwise each rank takes its chunk first.
+        init_std, generator: as for ColumnParallelLinear.
+
+    Shapes: x `[*, in_features / tp]` (or `[*, in_features]`) -> y `[*, out_features]`.
+
+    Raises:
+        ValueError: in_features is not divisible by tp_size.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        tp_group: ProcessGroup | None = None,
+        input_is_parallel: bool = False,
+        init_std: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        tp = tp_size(tp_group)
+        divide(in_features, tp, "in_features")
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_group, self.input_is_parallel = tp_group, input_is_parallel
+        spec = ShardSpec(dim=1, num_shards=tp)
+        self.tp_shards = {"weight": spec}
+        weight, full_bias = init_full_weight(out_features, in_features, init_std, generator)
+        self.weight = nn.Parameter(spec.slice(weight, tp_rank(tp_group), tp).clone())
+        self.bias = nn.Parameter(full_bias) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.tp_group)
+        y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)  # (*, out), summed over ranks
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: bias in y's dtype, as nn.Linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, tp_size={tp_size(self.tp_group)}")

@@ -1,0 +1,54 @@
+"""Pictures people would rather look at than read: attention maps and loss curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_attention_grid(
+    weights: torch.Tensor, path: str | Path, tokens: Sequence[str] | None = None, title: str = ""
+) -> Path:
+    """Save a `[layers, heads, T, T]` (or `[heads, T, T]`) stack of attention maps as one PNG grid.
+
+    Row = layer, column = head; each cell is a heatmap of query (y) against key (x).
+    """
+    plt = _pyplot()
+    weights = weights.detach().float().cpu()
+    if weights.dim() == 3:
+        weights = weights[None]
+    layers, heads, seq, _ = weights.shape
+    fig, axes = plt.subplots(layers, heads, figsize=(2.2 * heads, 2.2 * layers + 0.6), squeeze=False)
+    for layer in range(layers):
+        for head in range(heads):
+            ax = axes[layer][head]
+            ax.imshow(weights[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer == 0:
+                ax.set_title(f"head {head}", fontsize=8)
+            if head == 0:
+                ax.set_ylabel(f"layer {layer}", fontsize=8)
+    if tokens is not None and seq <= 24:
+        ax = axes[-1][0]
+        ax.set_xticks(range(seq), labels=list(tokens), rotation=90, fontsize=6)
+        ax.set_yticks(range(seq), labels=list(tokens), fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

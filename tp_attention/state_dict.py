@@ -1,0 +1,99 @@
+"""Full (unsharded) state dicts from sharded models and back.
+
+Parameter names are the same at every tp; only shapes differ. Modules that hold shards declare
+`tp_shards = {param_name: ShardSpec}` and `tp_group`; everything else is replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
+from tp_attention.layers import ShardSpec
+
+
+def sharded_parameters(model: nn.Module) -> dict[str, tuple[ShardSpec, ProcessGroup | None]]:
+    """`{qualified name: (spec, tp_group)}` for every sharded tensor of `model`."""
+    found = {}
+    for prefix, module in model.named_modules():
+        for name, spec in getattr(module, "tp_shards", {}).items():
+            if getattr(module, name, None) is not None:
+                found[f"{prefix}.{name}" if prefix else name] = (spec, module.tp_group)
+    return found
+
+
+def gather_shard(local: torch.Tensor, spec: ShardSpec, group: ProcessGroup | None) -> torch.Tensor:
+    """The full tensor from every rank's `local` chunk (a collective over `group`)."""
+    tp = tp_size(group)
+    if tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    first_holders = [i * tp // spec.num_shards for i in range(spec.num_shards)]
+    return torch.cat([parts[r] for r in first_holders], dim=spec.dim)
+
+
+def gather_full(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gather each sharded entry of `tensors` (keyed like `model`'s parameters) into its full tensor.
+
+    A collective: every rank of each TP group must call it with the same keys.
+    """
+    specs = sharded_parameters(model)
+    return {
+        name: gather_shard(t.detach(), *specs[name]) if name in specs else t.detach()
+        for name, t in tensors.items()
+    }
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict, identical on every rank (a collective)."""
+    return gather_full(model, model.state_dict())
+
+
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded gradients of every parameter that has one (a collective)."""
+    return gather_full(model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+
+
+def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """The shape each state-dict entry has in the unsharded model."""
+    specs = sharded_parameters(model)
+    shapes = {}
+    for name, t in model.state_dict().items():
+        shape = list(t.shape)
+        if name in specs:
+            shape[specs[name][0].dim] *= specs[name][0].num_shards
+        shapes[name] = torch.Size(shape)
+    return shapes
+
+
+def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Load an unsharded state dict into a (possibly sharded) model: each rank keeps its slice.
+
+    Raises:
+        ValueError: listing every parameter whose full shape differs, and (with `strict`) every
+            missing or unexpected key.
+    """
+    expected = full_shapes(model)
+    problems = [
+        f"{name}: checkpoint {tuple(state_dict[name].shape)} != model {tuple(shape)}"
+        for name, shape in expected.items()
+        if name in state_dict and state_dict[name].shape != shape
+    ]
+    if strict:
+        problems += [f"{name}: missing from checkpoint" for name in expected if name not in state_dict]
+        problems += [f"{name}: not a parameter of the model" for name in state_dict if name not in expected]
+    if problems:
+        raise ValueError("state dict does not fit the model:\n  " + "\n  ".join(problems))
+    specs = sharded_parameters(model)
+    local = {}
+    for name, full in state_dict.items():
+        if name in specs:
+            spec, group = specs[name]
+            full = spec.slice(full, tp_rank(group), tp_size(group))
+        local[name] = full
+    model.load_state_dict(local, strict=strict)
