@@ -20,8 +20,16 @@ from tp_attention import MultiHeadAttention, full_state_dict, load_full_state_di
 GQA = dict(CFG, num_heads=4, num_kv_heads=1)
 
 
-def comm_counts(mode: CommDebugMode) -> dict[str, int]:
-    return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items() if n}
+def comm_counts(counts) -> dict[str, int]:
+    return {str(op).split(".")[-1]: n for op, n in counts.items() if n}
+
+
+def count_collectives(step) -> tuple[dict[str, int], dict[str, int]]:
+    """Collectives issued by `step()` (which runs forward and backward), split forward/backward."""
+    with CommDebugMode() as mode:
+        step()
+    per_pass = mode.comm_module_counts["Global"]
+    return comm_counts(per_pass["forward"]), comm_counts(per_pass["backward"])
 
 
 def on_every_rank(rank, world, cases):
@@ -36,11 +44,7 @@ def on_every_rank(rank, world, cases):
     for name, cfg in [("mha", CFG), ("mqa", GQA)]:
         mha = MultiHeadAttention(**cfg, tp_group=group)
         x = torch.randn(2, 8, cfg["emb_size"], requires_grad=True)
-        with CommDebugMode() as forward_mode:
-            y = mha(x)
-        with CommDebugMode() as backward_mode:
-            y.sum().backward()
-        out["counts"][name] = (comm_counts(forward_mode), comm_counts(backward_mode))
+        out["counts"][name] = count_collectives(lambda: mha(x).sum().backward())  # noqa: B023
 
     torch.manual_seed(0)  # every rank seeds alike: the same full weights, the same dropout mask
     mha = MultiHeadAttention(**dict(CFG, dropout=0.5), tp_group=group)

@@ -1,6 +1,6 @@
 """tp-attention: tensor-parallel multi-head attention and a small GPT built on it."""
 
-from tp_attention.attention import MultiHeadAttention
+from tp_attention.attention import KVCache, MultiHeadAttention
 from tp_attention.distributed import ParallelGroups, init_parallel_groups, tp_rank, tp_size
 from tp_attention.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
 from tp_attention.mappings import (
@@ -11,14 +11,20 @@ from tp_attention.mappings import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
+from tp_attention.model import GPT, GPTConfig
 from tp_attention.state_dict import full_grads, full_state_dict, gather_full, load_full_state_dict
+from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 __all__ = [
+    "GPT",
     "ColumnParallelLinear",
+    "GPTConfig",
+    "KVCache",
     "MultiHeadAttention",
     "ParallelGroups",
     "RowParallelLinear",
     "ShardSpec",
+    "VocabParallelEmbedding",
     "copy_to_tp",
     "full_grads",
     "full_state_dict",
@@ -32,4 +38,5 @@ __all__ = [
     "scatter_to_tp",
     "tp_rank",
     "tp_size",
+    "vocab_parallel_cross_entropy",
 ]

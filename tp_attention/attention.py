@@ -103,6 +103,33 @@ class HeadView:
         return f"HeadView(head={self.global_index} of {self._mha.num_heads})"
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, for one layer's local KV heads.
+
+    Storage is allocated on the first `append` as `(B, KV_local, capacity, D)`, so each new token
+    costs one position, not a copy of the whole history.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.length = capacity, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` `(B, KV_local, T_new, D)`; return all keys and values so far."""
+        if self.k is None:
+            batch, heads, _, dim = k.shape
+            self.k = k.new_empty(batch, heads, self.capacity, dim)
+            self.v = v.new_empty(batch, heads, self.capacity, dim)
+        end = self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {end} requested")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head attention whose heads are split over `tp_group`.
 
@@ -221,21 +248,33 @@ class MultiHeadAttention(nn.Module):
         has_key = (additive > float("-inf")).any(-1, keepdim=True)
         return additive.masked_fill(~has_key, 0.0), has_key
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Attend over `x` `[B, T, E]` (optionally masked, see `normalize_mask`); returns `[B, T, E]`.
 
+        With `kv_cache`, `x` holds only the new tokens: they attend to the cached ones and to each
+        other, and their keys/values are appended (a mask then has `T_cached + T` keys).
         A query row whose every key is masked attends to nothing: its head output is zero.
         """
         check_input(x, self.emb_size, self.max_seq_len, self._q.weight)
         batch, seq_len, _ = x.shape
         q, k, v = self._project(x)  # (B, H_local, T, D), (B, KV_local, T, D) x2
+        if kv_cache is not None:
+            if kv_cache.length + seq_len > self.max_seq_len:
+                raise ValueError(f"{kv_cache.length} cached + {seq_len} new tokens exceed max_seq_len = "
+                                 f"{self.max_seq_len}")
+            k, v = kv_cache.append(k, v)  # (B, KV_local, T_cached + T, D)
+        seq_k = k.size(2)
         gqa = self.local_kv_heads != self.local_heads
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=gqa)
+        if mask is None and (seq_k == seq_len or seq_len == 1 or not self.causal):
+            causal = self.causal and seq_len > 1  # one new token may see every cached key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
-            attn_mask, has_key = self._combined_mask(mask, batch, seq_len, seq_len, q)
+            attn_mask, has_key = self._combined_mask(mask, batch, seq_len, seq_k, q)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-            y = y * has_key  # rows with no key attend to nothing
+            if has_key is not None:
+                y = y * has_key  # rows with no key attend to nothing
         y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_size)  # (B, T, H_local*D)
         return self._dropout(self._layer(y))  # row-parallel: g all-reduces, bias added once
 

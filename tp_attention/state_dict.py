@@ -19,7 +19,7 @@ from tp_attention.layers import ShardSpec
 def sharded_parameters(model: nn.Module) -> dict[str, tuple[ShardSpec, ProcessGroup | None]]:
     """`{qualified name: (spec, tp_group)}` for every sharded tensor of `model`."""
     found = {}
-    for prefix, module in model.named_modules():
+    for prefix, module in model.named_modules(remove_duplicate=False):
         for name, spec in getattr(module, "tp_shards", {}).items():
             if getattr(module, name, None) is not None:
                 found[f"{prefix}.{name}" if prefix else name] = (spec, module.tp_group)
@@ -30,11 +30,11 @@ def gather_shard(local: torch.Tensor, spec: ShardSpec, group: ProcessGroup | Non
     """The full tensor from every rank's `local` chunk (a collective over `group`)."""
     tp = tp_size(group)
     if tp == 1:
-        return local
+        return spec.trim(local)
     parts = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(parts, local.contiguous(), group=group)
     first_holders = [i * tp // spec.num_shards for i in range(spec.num_shards)]
-    return torch.cat([parts[r] for r in first_holders], dim=spec.dim)
+    return spec.trim(torch.cat([parts[r] for r in first_holders], dim=spec.dim))
 
 
 def gather_full(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,7 +66,8 @@ def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
     for name, t in model.state_dict().items():
         shape = list(t.shape)
         if name in specs:
-            shape[specs[name][0].dim] *= specs[name][0].num_shards
+            spec = specs[name][0]
+            shape[spec.dim] = spec.full_size or shape[spec.dim] * spec.num_shards
         shapes[name] = torch.Size(shape)
     return shapes
 

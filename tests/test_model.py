@@ -1,0 +1,295 @@
+"""GPT: every sharded piece equals the unsharded model; loss, generation, save/load, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tests.harness import assert_rel_close, run_gloo, run_threaded
+from tp_attention import full_grads, full_state_dict, load_full_state_dict
+from tp_attention.model import GPT, GPTConfig
+from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+FP32_TOL = 1e-5
+BF16_TOL = 3e-2  # bf16 weights and activations; sharded sums are added in another order
+TINY = dict(vocab_size=64, max_seq_len=16, emb_size=32, num_heads=4, head_size=8, num_layers=2, dropout=0.0)
+CASES = {
+    "base": TINY,
+    "vocab65": dict(TINY, vocab_size=65),
+    "gqa": dict(TINY, num_kv_heads=2, vocab_size=65),
+    "mqa-untied-nobias": dict(TINY, num_kv_heads=1, tie_embeddings=False, bias=False),
+}
+
+
+def reference(cfg: dict, seed: int = 0, batch: int = 3, seq: int = 11):
+    gen = torch.Generator().manual_seed(seed)
+    model = GPT(**cfg, generator=gen)
+    idx = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen)
+    targets = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen)
+    targets[0, :3] = -100
+    return model, idx, targets
+
+
+def logits_loss_grads(model: GPT, idx, targets):
+    logits = model(idx).detach()
+    model.zero_grad()
+    loss = model.loss(idx, targets)
+    loss.backward()
+    return logits, loss.detach(), full_grads(model)
+
+
+def sharded_run(rank, world, cfg, state, idx, targets, dtype=torch.float32):
+    model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator()).to(dtype)
+    load_full_state_dict(model, state)
+    return logits_loss_grads(model, idx, targets)
+
+
+def check(results, ref, idx, targets, tol=FP32_TOL):
+    logits, loss, grads = logits_loss_grads(ref, idx, targets)
+    for r_logits, r_loss, r_grads in results:
+        assert_rel_close(r_logits, logits, tol, "logits")
+        assert_rel_close(r_loss, loss, tol, "loss")
+        assert r_grads.keys() == grads.keys()
+        for name in grads:
+            assert_rel_close(r_grads[name], grads[name], tol, f"grad of {name}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_sharded_gpt_equals_unsharded(case, tp):
+    cfg = CASES[case]  # "gqa" at tp=4 replicates each of its two KV heads on two ranks
+    ref, idx, targets = reference(cfg)
+    runner = run_gloo if tp == 1 else run_threaded
+    check(runner(tp, sharded_run, cfg, ref.state_dict(), idx, targets), ref, idx, targets)
+
+
+def test_bf16_sharded_gpt_matches_unsharded():
+    ref, idx, targets = reference(CASES["vocab65"])
+    ref = ref.to(torch.bfloat16)
+    results = run_threaded(2, sharded_run, CASES["vocab65"], ref.state_dict(), idx, targets, torch.bfloat16)
+    check(results, ref, idx, targets, tol=BF16_TOL)
+
+
+def sharded_cross_entropy(rank, world, vocab, full_logits, target, ignore_index):
+    emb = VocabParallelEmbedding(vocab, 4, tp_group=dist.group.WORLD)
+    start, stop = emb.vocab_start, emb.vocab_start + emb.local_vocab
+    local = torch.full((*full_logits.shape[:-1], emb.local_vocab), float("-inf"))
+    real = full_logits[..., start:stop]
+    local[..., : real.size(-1)] = real
+    local.requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, start, ignore_index, dist.group.WORLD)
+    loss.backward()
+    return loss.detach(), local.grad[..., : real.size(-1)], (start, start + real.size(-1))
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_vocab_parallel_cross_entropy_equals_f_cross_entropy(tp, ignore):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 65, generator=gen) * 4
+    target = torch.randint(0, 65, (3, 5), generator=gen)
+    if ignore:
+        target[1, 2:] = -100
+    full = logits.clone().requires_grad_()
+    expected = F.cross_entropy(full.view(-1, 65), target.view(-1), ignore_index=-100)
+    expected.backward()
+    runner = run_gloo if tp == 1 else run_threaded
+    for loss, grad, (lo, hi) in runner(tp, sharded_cross_entropy, 65, logits, target, -100):
+        assert_rel_close(loss, expected.detach(), FP32_TOL, "loss")
+        assert_rel_close(grad, full.grad[..., lo:hi], FP32_TOL, "grad of logits")
+
+
+def test_vocab_parallel_cross_entropy_of_all_ignored_is_nan_like_torch():
+    logits, target = torch.randn(4, 7), torch.full((4,), -100)
+    assert torch.isnan(vocab_parallel_cross_entropy(logits, target)) and torch.isnan(F.cross_entropy(logits, target))
+
+
+def init_full(rank, world, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return full_state_dict(GPT(**CASES["gqa"], tp_group=dist.group.WORLD, generator=gen))
+
+
+def test_initialisation_does_not_depend_on_tp():
+    expected = GPT(**CASES["gqa"], generator=torch.Generator().manual_seed(5)).state_dict()
+    for tp in (2, 4):
+        for full in run_threaded(tp, init_full, 5):
+            assert full.keys() == expected.keys()
+            assert all(torch.equal(full[n], expected[n]) for n in expected)
+
+
+def test_nanogpt_style_initialisation():
+    model = GPT(vocab_size=512, max_seq_len=64, emb_size=256, num_heads=4, head_size=64, num_layers=8,
+                generator=torch.Generator().manual_seed(0))
+    block = model._decoders[0]
+    assert abs(model._token_embeddings.weight.std().item() - 0.02) < 1e-3
+    assert abs(block._heads._q.weight.std().item() - 0.02) < 1e-3
+    assert abs(block._ff._up.weight.std().item() - 0.02) < 1e-3
+    residual_std = 0.02 / (2 * 8) ** 0.5
+    for w in (block._heads._layer.weight, block._ff._down.weight):
+        assert abs(w.std().item() - residual_std) < 3e-4
+    assert torch.all(block._heads._q.bias == 0) and torch.all(block._ff._down.bias == 0)
+
+
+def spiky(cfg: dict, seed: int = 1) -> GPT:
+    """A model with large random weights, so greedy decoding does not repeat one token."""
+    model = GPT(**cfg, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+def generate_both_ways(rank, world, cfg, state, prompt):
+    model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator())
+    load_full_state_dict(model, state)
+    with_cache = model.generate(prompt, 24)
+    without = model.generate(prompt, 24, use_cache=False)
+    sampled = model.generate(prompt, 12, do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+                             generator=torch.Generator().manual_seed(100 + rank))  # different RNG per rank
+    return with_cache, without, sampled
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_kv_cache_generation_equals_full_recompute(tp):
+    cfg = CASES["gqa"]
+    model = spiky(cfg)
+    prompt = torch.randint(0, 65, (2, 5), generator=torch.Generator().manual_seed(3))
+    runner = run_gloo if tp == 1 else run_threaded
+    results = runner(tp, generate_both_ways, cfg, model.state_dict(), prompt)
+    reference_tokens = model.generate(prompt, 24, use_cache=False)
+    assert len(set(reference_tokens[0, 5:].tolist())) >= 3, "decoding should not collapse to one token"
+    for with_cache, without, sampled in results:
+        assert with_cache.shape == (2, 29)  # 5 + 24 > max_seq_len 16: the window slides
+        assert torch.equal(with_cache, without)
+        assert torch.equal(with_cache, reference_tokens)
+        assert torch.equal(sampled, results[0][2]), "every TP rank must sample the same tokens"
+
+
+def test_kv_cache_step_costs_one_position():
+    model = spiky(CASES["base"]).eval()
+    caches = model.new_kv_caches()
+    prompt = torch.randint(0, 64, (1, 6))
+    full = model(prompt)
+    model(prompt[:, :5], kv_caches=caches)
+    step = model(prompt[:, 5:], kv_caches=caches)
+    assert step.shape == (1, 1, 64) and caches[0].length == 6
+    assert_rel_close(step[:, 0], full[:, 5], FP32_TOL, "cached step vs full forward")
+
+
+def test_generation_options_and_errors():
+    model = spiky(CASES["base"])
+    prompt = torch.randint(0, 64, (2, 4))
+    assert torch.equal(model.generate(prompt, 6, do_sample=True, temperature=0.0), model.generate(prompt, 6))
+    out = model.generate(prompt, 8, do_sample=True, top_k=1)
+    assert torch.equal(out, model.generate(prompt, 8)), "top_k=1 sampling is greedy"
+    eos = int(model.generate(prompt, 1)[0, -1])
+    stopped = model.generate(prompt[:1], 10, eos_token_id=eos)
+    assert stopped.shape == (1, 5) and stopped[0, -1] == eos
+    for kwargs, message in [(dict(top_k=0), "top_k must be a positive integer, got 0"),
+                            (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+                            (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+                            (dict(temperature=-1.0), "temperature must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(prompt, 3, do_sample=True, **kwargs)
+    with pytest.raises(ValueError, match="non-empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    assert model.training, "generate restores the training flag"
+
+
+def save_and_logits(rank, world, cfg, state, directory, idx):
+    model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator())
+    load_full_state_dict(model, state)
+    model.save(directory)
+    return model(idx).detach()
+
+
+def load_and_logits(rank, world, directory, idx):
+    return GPT.load(directory, tp_group=dist.group.WORLD)(idx).detach()
+
+
+def test_save_at_tp2_load_at_tp1_and_tp4(tmp_path):
+    cfg = dict(CASES["gqa"], num_kv_heads=4, tie_embeddings=False)
+    model = spiky(cfg)
+    idx = torch.randint(0, 65, (2, 9))
+    saved = run_threaded(2, save_and_logits, cfg, model.state_dict(), tmp_path / "m", idx)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    single = GPT.load(tmp_path / "m")(idx).detach()
+    assert_rel_close(single, saved[0], FP32_TOL, "tp=1 load")
+    for logits in run_threaded(4, load_and_logits, tmp_path / "m", idx):
+        assert_rel_close(logits, saved[0], FP32_TOL, "tp=4 load")
+    assert GPT.load(tmp_path / "m" / "model.safetensors").config == GPTConfig(**cfg)
+
+
+def test_load_refuses_a_file_that_does_not_fit(tmp_path):
+    GPT(**CASES["base"]).save(tmp_path / "m")
+    state = GPT(**dict(CASES["base"], emb_size=48)).state_dict()
+    model = GPT(**CASES["base"])
+    with pytest.raises(ValueError, match=r"_position_embeddings.weight: checkpoint \(16, 48\) != model \(16, 32\)"):
+        load_full_state_dict(model, state)
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        GPT.load(tmp_path / "missing")
+
+
+def overfit(rank, world, cfg, state, idx, targets, steps):
+    group = dist.group.WORLD if world > 1 else None
+    model = GPT(**cfg, tp_group=group, generator=torch.Generator())
+    load_full_state_dict(model, state)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(idx, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_tiny_model_overfits_a_batch_with_the_same_curve_at_tp1_and_tp2():
+    cfg = CASES["vocab65"]
+    ref, idx, _ = reference(cfg, batch=2, seq=16)
+    targets = idx.roll(-1, dims=1)
+    single = overfit(0, 1, cfg, ref.state_dict(), idx, targets, 60)
+    assert single[0] > 4.0 and single[-1] < 0.5, f"loss {single[0]:.2f} -> {single[-1]:.2f}"
+    for curve in run_threaded(2, overfit, cfg, ref.state_dict(), idx, targets, 60):
+        assert_rel_close(torch.tensor(curve), torch.tensor(single), 1e-4, "loss curve tp=2 vs tp=1")
+
+
+def test_seed_compatible_api():
+    model = GPT(100, 16, 32, 4, 8, 3)  # vocab, max_seq_len, emb, heads, head_size, layers
+    assert len(model._decoders) == 3 and model.config.dropout == 0.1
+    same = GPT.from_config(model.config)
+    assert same.config == model.config
+    assert GPT.from_config(dict(TINY)).config == GPTConfig(**TINY)
+    with pytest.raises(ValueError, match="seq_len = 17 exceeds max_seq_len = 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"idx holds id 100 outside the vocabulary \[0, 100\)"):
+        model(torch.full((1, 4), 100))
+    with pytest.raises(ValueError, match=r"holds id -1 outside"):
+        model(torch.full((1, 4), -1))
+    with pytest.raises(TypeError, match="idx must be an integer tensor"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="targets shape"):
+        model.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"unknown GPTConfig keys \['heads'\]"):
+        GPT(100, 16, 32, 4, 8, 3, heads=2)
+    with pytest.raises(ValueError, match="num_kv_heads = 3 must be a positive divisor of num_heads = 4"):
+        GPT(100, 16, 32, 4, 8, 3, num_kv_heads=3)
+
+
+def test_attention_maps_gathered_at_tp2_equal_unsharded():
+    model = spiky(CASES["base"])
+    idx = torch.randint(0, 64, (1, 7))
+    expected = model.attention_maps(idx)
+    assert expected.shape == (2, 1, 4, 7, 7)
+
+    def maps(rank, world, state):
+        sharded = GPT(**CASES["base"], tp_group=dist.group.WORLD, generator=torch.Generator())
+        load_full_state_dict(sharded, state)
+        return sharded.attention_maps(idx)
+
+    for result in run_threaded(2, maps, model.state_dict()):
+        assert_rel_close(result, expected, FP32_TOL, "attention maps")

@@ -1,0 +1,92 @@
+"""Autoregressive decoding with a per-rank KV cache; every TP rank emits the same tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tp_attention.distributed import tp_size
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keep the `top_k` largest logits and the smallest set whose probability reaches `top_p`."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # the first token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Append up to `max_new_tokens` tokens to `idx` `[B, T]`; returns `[B, T + n]`.
+
+    Greedy when `do_sample=False` or `temperature == 0`; otherwise samples from the softmax of
+    `logits / temperature`, restricted by `top_k` / `top_p`. With tp > 1 the token drawn on TP
+    rank 0 is broadcast, so every rank continues identically. Sequences that emitted
+    `eos_token_id` are padded with it; decoding stops when all have. The context is cropped to the
+    last `max_seq_len` tokens; once it is full, each step re-encodes that window (learned absolute
+    positions cannot slide), so the cache saves work only until then.
+
+    Raises:
+        ValueError: empty `idx`, negative `max_new_tokens` or `temperature`, `top_k <= 0`,
+            `top_p` outside (0, 1].
+    """
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.numel() == 0:
+        raise ValueError(f"idx must be a non-empty [batch, seq_len] tensor, got {getattr(idx, 'shape', idx)!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    greedy = not do_sample or temperature == 0
+    window = model.config.max_seq_len
+    group = model.tp_group
+    was_training = model.training
+    model.eval()
+    caches = None
+    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    try:
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = model.next_token_logits(idx[:, -window:])
+            elif caches is None or caches[0].length >= window:
+                caches = model.new_kv_caches()  # (re)encode the whole window
+                logits = model.next_token_logits(idx[:, -window:], caches)
+            else:
+                logits = model.next_token_logits(idx[:, -1:], caches)  # one new position
+            logits = logits.float()  # (B, V)
+            if greedy:
+                token = logits.argmax(dim=-1)
+            else:
+                probs = _filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                if tp_size(group) > 1:
+                    dist.broadcast(token, src=dist.get_global_rank(group, 0), group=group)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            idx = torch.cat([idx, token[:, None]], dim=1)
+            if eos_token_id is not None and finished.all():
+                break
+    finally:
+        model.train(was_training)
+    return idx
