@@ -20,7 +20,7 @@ def test_exported_weights_run_in_plain_nanogpt():
     idx = torch.randint(0, 70, (2, 12))
     with torch.no_grad():
         assert_rel_close(plain(idx), ours(idx), 1e-5, "nanoGPT logits vs ours")
-        assert_rel_close(plain(idx, idx), ours.loss(idx, idx), 1e-5, "loss")
+        assert_rel_close(plain(idx, idx), ours(idx, idx), 1e-5, "loss")
 
 
 def test_import_from_nanogpt_round_trips():

@@ -35,7 +35,7 @@ def reference(cfg: dict, seed: int = 0, batch: int = 3, seq: int = 11):
 def logits_loss_grads(model: GPT, idx, targets):
     logits = model(idx).detach()
     model.zero_grad()
-    loss = model.loss(idx, targets)
+    loss = model(idx, targets)
     loss.backward()
     return logits, loss.detach(), full_grads(model)
 
@@ -240,7 +240,7 @@ def overfit(rank, world, cfg, state, idx, targets, steps):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(steps):
-        loss = model.loss(idx, targets)
+        loss = model(idx, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -273,7 +273,7 @@ def test_seed_compatible_api():
     with pytest.raises(TypeError, match="idx must be an integer tensor"):
         model(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="targets shape"):
-        model.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"unknown GPTConfig keys \['heads'\]"):
         GPT(100, 16, 32, 4, 8, 3, heads=2)
     with pytest.raises(ValueError, match="num_kv_heads = 3 must be a positive divisor of num_heads = 4"):

@@ -26,13 +26,13 @@ def on_every_rank(rank, world, cases):
     cfg, state, idx, targets = cases[0]
     # CommDebugMode's module tracker fails on a second use with the same model: one model each
     training, inference = GPT(**cfg, tp_group=group), GPT(**cfg, tp_group=group)
-    forward, backward = count_collectives(lambda: training.loss(idx, targets).backward())
+    forward, backward = count_collectives(lambda: training(idx, targets).backward())
     out["counts"] = forward, backward, count_collectives(lambda: inference(idx))[0]
 
     torch.manual_seed(0)  # every TP rank seeds alike: same weights, same embedding/residual dropout masks
     model = GPT(**DROPOUT, tp_group=group)
     torch.manual_seed(1)
-    loss = model.loss(idx, targets)
+    loss = model(idx, targets)
     loss.backward()
     out["dropout"] = loss.detach(), full_grads(model)
     return out
@@ -42,7 +42,7 @@ def dropout_reference(idx, targets):
     torch.manual_seed(0)
     model = GPT(**DROPOUT)
     torch.manual_seed(1)
-    loss = model.loss(idx, targets)
+    loss = model(idx, targets)
     loss.backward()
     return loss.detach(), full_grads(model), model
 
@@ -67,7 +67,7 @@ def test_gpt_on_gloo(world):
     _, idx, targets = refs[0]
     loss, grads, model = dropout_reference(idx, targets)
     with torch.no_grad():
-        assert model.eval().loss(idx, targets) != loss, "dropout should change the loss"
+        assert model.eval()(idx, targets) != loss, "dropout should change the loss"
     for r in results:
         assert_rel_close(r["dropout"][0], loss, FP32_TOL, "loss with dropout")
         for name in grads:

@@ -186,18 +186,22 @@ class GPT(nn.Module):
             h = block(h, None if kv_caches is None else kv_caches[i])
         return self._norm(h)
 
-    def forward(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Full logits `[B, T, vocab_size]` on every rank (gathered: for inference, not training)."""
-        head = self.output_embeddings
-        return head.gather_logits(head.logits(self._hidden(idx, kv_caches)))
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_caches: list[KVCache] | None = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Without `targets`: full logits `[B, T, vocab_size]` on every rank (gathered; for inference).
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy, from vocab-sharded logits (the full logits are never built)."""
+        With `targets` `[B, T]`: the mean next-token cross-entropy, computed from vocab-sharded
+        logits (the full logits are never built); targets equal to `ignore_index` are skipped.
+        """
+        head = self.output_embeddings
+        if targets is None:
+            return head.gather_logits(head.logits(self._hidden(idx, kv_caches)))
         self._check_ids(targets, "targets", allowed_extra=ignore_index)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
-        head = self.output_embeddings
-        local_logits = head.logits(self._hidden(idx))  # (B, T, V_local)
+        local_logits = head.logits(self._hidden(idx, kv_caches))  # (B, T, V_local)
         return vocab_parallel_cross_entropy(local_logits, targets, head.vocab_start, ignore_index, self.tp_group)
 
     def new_kv_caches(self) -> list[KVCache]:

@@ -52,3 +52,24 @@ def save_attention_grid(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_loss_plot(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Train (`loss`) and validation (`val_loss`) loss against `step`, from metrics records."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, style in (("loss", "train", "-"), ("val_loss", "validation", "o-")):
+        points = [(r["step"], r[key]) for r in history if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

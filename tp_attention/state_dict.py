@@ -6,11 +6,13 @@ Parameter names are the same at every tp; only shapes differ. Modules that hold 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
 from tp_attention.layers import ShardSpec
@@ -98,3 +100,54 @@ def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             full = spec.slice(full, tp_rank(group), tp_size(group))
         local[name] = full
     model.load_state_dict(local, strict=strict)
+
+
+def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def dcp_state_dict(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], mesh: DeviceMesh | None
+) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+    """Wrap local tensors keyed like `model`'s parameters as DTensors for torch.distributed.checkpoint.
+
+    `mesh` is the `(dp, tp)` mesh (None in a single process: the tensors are returned as they are).
+    A shard becomes `Shard(dim)` over tp (uneven for a padded vocabulary: only the real rows),
+    everything else `Replicate()`; all are zero-copy views, so `dcp.load` fills the model in place.
+    Shards replicated on several ranks (KV heads when tp > num_kv_heads) are stored gathered in
+    full; call the returned `finish()` after `dcp.load` to copy their slices back.
+    """
+    if mesh is None:
+        return dict(tensors), lambda: None
+    specs = sharded_parameters(model)
+    replicate = [Replicate()] * mesh.ndim
+    wrapped, copy_back = {}, []
+    for name, local in tensors.items():
+        if name not in specs:
+            wrapped[name] = DTensor.from_local(local, mesh, replicate, run_check=False)
+            continue
+        spec, group = specs[name]
+        tp, rank = tp_size(group), tp_rank(group)
+        if spec.num_shards < tp:
+            full = gather_shard(local, spec, group)
+            wrapped[name] = DTensor.from_local(full, mesh, replicate, run_check=False)
+            copy_back.append((full, spec, local, rank, tp))
+            continue
+        shape = list(local.shape)
+        shape[spec.dim] = spec.full_size or local.size(spec.dim) * tp
+        real = max(0, min(local.size(spec.dim), shape[spec.dim] - rank * local.size(spec.dim)))
+        wrapped[name] = DTensor.from_local(
+            local.narrow(spec.dim, 0, real), mesh, [*replicate[:-1], Shard(spec.dim)], run_check=False,
+            shape=torch.Size(shape), stride=_contiguous_strides(shape),
+        )
+
+    def finish() -> None:
+        with torch.no_grad():
+            for full, spec, local, rank, tp in copy_back:
+                local.copy_(spec.slice(full, rank, tp))
+
+    return wrapped, finish

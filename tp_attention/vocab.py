@@ -120,6 +120,9 @@ def vocab_parallel_cross_entropy(
     Equals `F.cross_entropy(full_logits, target, ignore_index=ignore_index)` (NaN, as there, when
     every target is ignored). Computed in fp32.
     """
+    if tp_size(tp_group) == 1:  # nothing is sharded: torch's fused kernel
+        logits = local_logits.reshape(-1, local_logits.size(-1)).float()
+        return F.cross_entropy(logits, target.reshape(-1), ignore_index=ignore_index)
     per_token = _VocabParallelCrossEntropy.apply(
         local_logits.reshape(-1, local_logits.size(-1)), target.reshape(-1), vocab_start, ignore_index, tp_group
     )

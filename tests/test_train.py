@@ -1,0 +1,222 @@
+"""The training job end to end: configs, layouts that must agree, resume, multi-node, accelerate launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from tests.harness import max_rel_err
+from train.config import ConfigError, TrainConfig, register, validate
+from train.main import lr_at
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.num_layers=2", "model.emb_size=64", "model.head_size=16", "model.num_heads=4", "trainer.seq_len=32",
+        "trainer.micro_batch=4", "trainer.log_interval=1", "trainer.eval_interval=5", "trainer.eval_batches=2",
+        "trainer.checkpoint_interval=5", "trainer.progress=false", "trainer.sample_tokens=8",
+        "data.max_bytes=1000000", "model.dropout=0.0"]
+TOL = 1e-5  # fp32 loss, relative
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def test_default_config_composes_and_is_valid():
+    cfg = compose_config([])
+    validate(cfg)
+    assert (cfg.model.num_layers, cfg.model.emb_size, cfg.data.source, cfg.parallel.tp) == (4, 128, "stdlib", 1)
+    small = compose_config(["model=small"]).model
+    assert (small.num_layers, small.num_heads, small.emb_size) == (6, 6, 384)
+    gpt2 = compose_config(["model=gpt2"]).model
+    assert (gpt2.num_layers, gpt2.num_heads, gpt2.emb_size, gpt2.max_seq_len) == (12, 12, 768, 1024)
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["parallel.tp=3"], 3, r"model.num_heads = 4 must be divisible by parallel.tp = 3"),
+    (["model.emb_size=30", "model.ffn_mult=1", "parallel.tp=4"], 4,
+     r"model.ffn_mult \* model.emb_size = 30 must be divisible by parallel.tp = 4"),
+    (["model.num_heads=12", "model.num_kv_heads=6", "parallel.tp=4"], 4,
+     r"model.num_kv_heads = 6 must be divisible by parallel.tp = 4 or divide it"),
+    (["model.num_kv_heads=3"], 1, r"model.num_heads = 4 must be divisible by model.num_kv_heads = 3"),
+    (["parallel.tp=2"], 3, r"world_size = 3 must be divisible by parallel.tp = 2"),
+    (["trainer.seq_len=256"], 1, r"trainer.seq_len = 256 must be <= model.max_seq_len = 128"),
+    (["trainer.micro_batch=0"], 1, r"trainer.micro_batch = 0 must be positive"),
+    (["model.emb_size=-8"], 1, r"model.emb_size = -8 must be positive"),
+    (["optim.lr=-1"], 1, r"optim.lr = -1.0 must be positive"),
+    (["trainer.mixed_precision=fp8"], 1, r"trainer.mixed_precision = 'fp8' must be one of no, bf16, fp16"),
+    (["data=text"], 1, r"data.path must name a file or directory"),
+    (["data=hf"], 1, r"data.hf_name must name a dataset"),
+    (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], 1, r"data.bpe_vocab_size = 200 must exceed 256"),
+    (["parallel.sequence_parallel=true"], 1, r"sequence_parallel = true is reserved"),
+])
+def test_bad_configs_fail_with_their_rule(overrides, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(overrides), world)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_stepz=3", "max_stepz"),
+    ("trainer.max_steps=many", "max_steps"),
+    ("model.dropout=high", "dropout"),
+])
+def test_wrong_keys_and_types_fail_in_hydra(override, message):
+    with pytest.raises(ConfigCompositionException, match=message):
+        compose_config([override])
+
+
+def test_learning_rate_schedule():
+    optim = compose_config(["optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_steps=10"]).optim
+    assert lr_at(0, optim, 110) == pytest.approx(0.1)
+    assert lr_at(9, optim, 110) == pytest.approx(1.0)
+    assert lr_at(60, optim, 110) == pytest.approx(0.55)
+    assert lr_at(110, optim, 110) == pytest.approx(0.1)
+    assert all(lr_at(s, optim, 110) >= lr_at(s + 1, optim, 110) for s in range(10, 120))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(run_id: str, cache: Path) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", TP_RUN_ID=run_id, TP_ATTENTION_CACHE=str(cache),
+                PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+def train(workdir: Path, run_id: str, overrides: list[str], nproc: int = 1, launcher: list[str] | None = None,
+          check: bool = True) -> subprocess.CompletedProcess:
+    """Run the training job in a subprocess; outputs go to workdir/runs/run_id."""
+    if launcher is None:
+        launcher = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    args = [*launcher, "-m", "train", *TINY, f"trainer.out_dir={workdir / 'runs'}", *overrides]
+    result = subprocess.run(args, env=env_for(run_id, workdir / "cache"), cwd=workdir, capture_output=True,
+                            text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def losses(workdir: Path, run_id: str) -> list[float]:
+    lines = (workdir / "runs" / run_id / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def assert_same_curve(actual: list[float], expected: list[float], what: str) -> None:
+    assert len(actual) == len(expected), f"{what}: {len(actual)} != {len(expected)} steps"
+    err = max_rel_err(torch.tensor(actual), torch.tensor(expected))
+    assert err <= TOL, f"{what}: relative error {err:.2e} > {TOL}\n{actual}\n{expected}"
+
+
+@pytest.fixture(scope="module")
+def single(workdir) -> list[float]:
+    """The reference: one process, global batch 8 (micro 8)."""
+    train(workdir, "single", ["trainer.max_steps=10", "trainer.micro_batch=8"])
+    return losses(workdir, "single")
+
+
+def test_single_process_run_writes_every_output(workdir, single):
+    run = workdir / "runs" / "single"
+    for name in ("metrics.jsonl", "loss.png", "sample.txt", "export/model.safetensors", "export/config.json",
+                 ".hydra/config.yaml", ".hydra/overrides.yaml", "logs/rank0.log"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= records[0].keys()
+    assert "val_loss" in records[4] and "val_loss" in records[9] and "val_loss" not in records[0]
+    assert single[-1] < single[0], "loss should fall"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
+
+
+@pytest.mark.parametrize("layout", ["dp1_tp2", "dp2_tp1", "ga2"])
+def test_layouts_agree_with_the_single_process_run(workdir, single, layout):
+    overrides, nproc = {
+        "dp1_tp2": (["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2"], 2),
+        "dp2_tp1": (["trainer.max_steps=10", "trainer.micro_batch=4", "parallel.tp=1"], 2),
+        "ga2": (["trainer.max_steps=10", "trainer.micro_batch=4", "trainer.grad_accum=2"], 1),
+    }[layout]
+    train(workdir, layout, overrides, nproc)
+    assert_same_curve(losses(workdir, layout), single, layout)
+
+
+@pytest.mark.slow
+def test_dp2_tp2_agrees_with_the_single_process_run(workdir, single):
+    train(workdir, "dp2_tp2", ["trainer.max_steps=10", "trainer.micro_batch=4", "parallel.tp=2"], 4)
+    assert_same_curve(losses(workdir, "dp2_tp2"), single, "dp2_tp2")
+
+
+def test_resume_matches_the_uninterrupted_run_and_reshards(workdir, single):
+    step5 = workdir / "runs" / "single" / "checkpoints" / "step_00000005"
+    train(workdir, "resumed", ["trainer.max_steps=10", "trainer.micro_batch=8", f"trainer.resume={step5}"])
+    assert_same_curve(losses(workdir, "resumed"), single, "stop at 5, resume to 10")
+
+    train(workdir, "tp2_run", ["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2"], 2)
+    tp2_step5 = workdir / "runs" / "tp2_run" / "checkpoints" / "step_00000005"
+    train(workdir, "tp2_to_tp1", ["trainer.max_steps=10", "trainer.micro_batch=8", f"trainer.resume={tp2_step5}"])
+    assert_same_curve(losses(workdir, "tp2_to_tp1"), single, "saved at tp=2, resumed at tp=1")
+    log = (workdir / "runs" / "tp2_to_tp1" / "logs" / "rank0.log").read_text()
+    assert "resumed from" in log and "saved at dp 1 x tp 2" in log
+
+
+def test_resume_auto_continues_the_latest_run(workdir):
+    shutil.rmtree(workdir / "auto_runs", ignore_errors=True)
+    runs = ["trainer.max_steps=10", "trainer.micro_batch=8", f"trainer.out_dir={workdir / 'auto_runs'}"]
+    train(workdir, "first", [*runs, "trainer.checkpoint_interval=3"])
+    train(workdir, "second", [*runs, "trainer.max_steps=12", "trainer.resume=auto"])
+    log = (workdir / "auto_runs" / "second" / "logs" / "rank0.log").read_text()
+    assert "first/checkpoints/step_00000010" in log and "at step 10" in log
+    steps = [json.loads(line)["step"] for line in (workdir / "auto_runs" / "second" / "metrics.jsonl").open()]
+    assert steps == list(range(1, 13)), "metrics carried over from the run we resumed"
+
+
+def test_two_nodes_on_loopback_train_at_tp2(workdir, single):
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                    "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                    "--rdzv_id=two-nodes"]
+        args = [*launcher, "-m", "train", *TINY, f"trainer.out_dir={workdir / 'runs'}", "trainer.max_steps=5",
+                "trainer.micro_batch=8", "parallel.tp=2"]
+        procs.append(subprocess.Popen(args, env=env_for("two_nodes", workdir / "cache"), cwd=workdir,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+    assert_same_curve(losses(workdir, "two_nodes"), single[:5], "two nodes, tp=2")
+
+
+def test_accelerate_launch_on_cpu_runs_two_processes(workdir, single):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]
+    train(workdir, "accelerate", ["trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"], launcher=launcher)
+    assert_same_curve(losses(workdir, "accelerate"), single[:5], "accelerate launch, tp=2")
+    assert (workdir / "runs" / "accelerate" / "logs" / "rank1.log").is_file()
+
+
+def test_config_errors_exit_with_one_line(workdir):
+    result = train(workdir, "bad", ["parallel.tp=3"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: world_size = 1 must be divisible by parallel.tp = 3"
+    assert "Traceback" not in result.stderr

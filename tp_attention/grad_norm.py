@@ -1,0 +1,43 @@
+"""Gradient-norm clipping that knows which gradients are shards and which are replicas."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tp_attention.distributed import ProcessGroup, tp_size
+from tp_attention.state_dict import sharded_parameters
+
+
+def grad_norm(model: nn.Module, tp_group: ProcessGroup | None = None) -> torch.Tensor:
+    """The global L2 norm of the unsharded model's gradients (a collective over `tp_group`).
+
+    Each rank adds `|g|^2 * num_shards / tp` per gradient, so after the all-reduce a gradient
+    split over the group counts once in full and a replicated one (LayerNorm, row-parallel bias,
+    position embedding, replicated KV heads) counts once, not tp times.
+    """
+    tp = tp_size(tp_group)
+    specs = sharded_parameters(model)
+    total = None
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        share = (specs[name][0].num_shards if name in specs else 1) / tp
+        sq = p.grad.detach().float().pow(2).sum() * share
+        total = sq if total is None else total + sq
+    if total is None:
+        return torch.zeros(())
+    if tp > 1:
+        dist.all_reduce(total, group=tp_group)
+    return total.sqrt()
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: ProcessGroup | None = None) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
+    norm = grad_norm(model, tp_group)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.device))
+    return norm

@@ -1,0 +1,1 @@
+"""The training job for tp_attention's GPT: `python -m train [hydra overrides]`."""

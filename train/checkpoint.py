@@ -1,0 +1,157 @@
+"""Resumable checkpoints: torch.distributed.checkpoint (DCP) over DTensor views of the local shards.
+
+    <run_dir>/checkpoints/step_00000100/   DCP files (model + AdamW moments) and meta.json
+    <run_dir>/checkpoints/.tmp-step_...     a save in progress; renamed when complete
+
+A checkpoint is written into a temporary directory and renamed only after every rank has finished
+and rank 0 has recorded each file's size and SHA-256 in meta.json, so a crash mid-save never
+touches the last good one. Because shards are stored with their global layout, a checkpoint loads
+at any (dp, tp). The step is the whole RNG and sampler state (both are derived from (seed, step)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from tp_attention.state_dict import dcp_state_dict
+
+log = logging.getLogger(__name__)
+META = "meta.json"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Completed checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
+    meta_file = Path(path) / META
+    if not meta_file.is_file():
+        return f"{meta_file} is missing"
+    try:
+        files = json.loads(meta_file.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{meta_file} is unreadable ({e})"
+    for name, expected in files.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{file} has {file.stat().st_size} bytes, expected {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{file} fails its SHA-256 check"
+    return None
+
+
+def latest_valid(run_dirs: list[Path]) -> Path | None:
+    """The newest (last written) intact checkpoint among `run_dirs`, warning about each broken one."""
+    candidates = sorted((c for d in run_dirs for c in checkpoint_dirs(d)),
+                        key=lambda c: (c.stat().st_mtime, c.name), reverse=True)
+    for candidate in candidates:
+        problem = verify(candidate)
+        if problem is None:
+            return candidate
+        log.warning("skipping checkpoint %s: %s", candidate, problem)
+    return None
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh | None):
+    """DCP state: model tensors and AdamW moments, keyed by parameter name, wrapped as DTensors."""
+    names = {p: n for n, p in model.named_parameters()}
+    model_state, finish_model = dcp_state_dict(model, model.state_dict(), mesh)
+    state: dict[str, Any] = {f"model.{k}": v for k, v in model_state.items()}
+    finishes = [finish_model]
+    for moment in ("exp_avg", "exp_avg_sq"):
+        tensors = {names[p]: s[moment] for p, s in optimizer.state.items() if moment in s}
+        wrapped, finish = dcp_state_dict(model, tensors, mesh)
+        state.update({f"optim.{moment}.{k}": v for k, v in wrapped.items()})
+        finishes.append(finish)
+    return state, finishes
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         mesh: DeviceMesh | None, extra: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep`. A collective."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state, _ = _state(model, optimizer, mesh)
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    _barrier()
+    if is_main:
+        files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        meta = {"step": step, "files": files, **extra}
+        with (tmp / META).open("w") as f:
+            json.dump(meta, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Give every parameter AdamW state (zeros) so that DCP has tensors to load into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            state["step"] = torch.tensor(float(step))
+            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / META).read_text())
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh | None) -> dict:
+    """Load checkpoint `path` into `model` and `optimizer` at the current layout; returns its meta."""
+    meta = read_meta(path)
+    init_optimizer_state(optimizer, meta["step"])
+    state, finishes = _state(model, optimizer, mesh)
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    for finish in finishes:
+        finish()
+    return meta
+
+
+def load_model_only(path: Path, model: nn.Module) -> dict:
+    """Load just the model tensors of a checkpoint into an unsharded model in one process."""
+    meta = read_meta(path)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return meta

@@ -1,0 +1,175 @@
+"""Structured configs (dataclasses in Hydra's ConfigStore) and the checks Hydra cannot do by type.
+
+A wrong key or type fails in Hydra with its own message; `validate` then checks the relations
+between values (tp against heads and world size, sequence lengths, ...) and raises ConfigError,
+which names the value and the rule.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional  # noqa: UP035 - OmegaConf needs Optional[...] on Python 3.10
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message names the value and the rule."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary
+    max_seq_len: int = 128
+    emb_size: int = 128
+    num_heads: int = 4
+    head_size: int = 32
+    num_layers: int = 4
+    dropout: float = 0.0
+    num_kv_heads: Optional[int] = None
+    bias: bool = True
+    tie_embeddings: bool = True
+    ffn_mult: int = 4
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | text | hf
+    path: Optional[str] = None  # text: a file or a directory of text files
+    hf_name: Optional[str] = None  # hf: dataset name for datasets.load_dataset
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    tokenizer: str = "byte"  # byte | bpe
+    bpe_vocab_size: int = 2048
+    val_fraction: float = 0.05
+    max_bytes: int = 0  # 0: the whole corpus
+    cache_dir: Optional[str] = None  # default $TP_ATTENTION_CACHE or ~/.cache/tp-attention
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 20
+    decay_steps: Optional[int] = None  # None: trainer.max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # dp is derived: world_size / tp
+    sequence_parallel: bool = False  # reserved
+    device: str = "auto"  # auto | cpu | cuda
+    timeout_s: float = 600.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    micro_batch: int = 16
+    grad_accum: int = 1
+    seq_len: int = 128
+    eval_interval: int = 100
+    eval_batches: int = 8
+    log_interval: int = 10
+    checkpoint_interval: int = 100
+    keep_checkpoints: int = 2
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 1337
+    resume: str = "none"  # none | auto | PATH (a run dir or one of its checkpoints)
+    out_dir: str = "outputs"
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_id: str = "${run_id:}"
+
+
+def run_id() -> str:
+    """One name for all ranks of a run: $TP_RUN_ID, else torchrun's run id, else the start time."""
+    explicit = os.environ.get("TP_RUN_ID")
+    if explicit:
+        return explicit
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if elastic != "none":
+        return elastic
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore and the `${run_id:}` resolver in OmegaConf."""
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+
+
+def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} must be one of {', '.join(allowed)}")
+
+
+def _positive(cfg, names: tuple[str, ...], prefix: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{prefix}.{name} = {value} must be positive")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Check the relations between values. Raises ConfigError naming the value and the rule."""
+    m, d, o, p, t = cfg.model, cfg.data, cfg.optim, cfg.parallel, cfg.trainer
+    _positive(m, ("vocab_size", "max_seq_len", "emb_size", "num_heads", "head_size", "num_layers", "num_kv_heads",
+                  "ffn_mult"), "model")
+    _positive(t, ("max_steps", "micro_batch", "grad_accum", "seq_len", "eval_interval", "eval_batches",
+                  "log_interval", "checkpoint_interval", "keep_checkpoints"), "trainer")
+    _positive(o, ("lr", "decay_steps"), "optim")
+    _positive(p, ("tp", "timeout_s"), "parallel")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout = {m.dropout} must be in [0, 1)")
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr = {o.min_lr} must be in [0, optim.lr = {o.lr}]")
+    if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+    _choice(d.source, ("stdlib", "text", "hf"), "data.source")
+    _choice(d.tokenizer, ("byte", "bpe"), "data.tokenizer")
+    _choice(t.mixed_precision, ("no", "bf16", "fp16"), "trainer.mixed_precision")
+    _choice(p.device, ("auto", "cpu", "cuda"), "parallel.device")
+    if d.source == "text" and not d.path:
+        raise ConfigError("data.path must name a file or directory when data.source = 'text'")
+    if d.source == "hf" and not d.hf_name:
+        raise ConfigError("data.hf_name must name a dataset when data.source = 'hf'")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in (0, 1)")
+    if d.tokenizer == "bpe" and d.bpe_vocab_size <= 256:
+        raise ConfigError(f"data.bpe_vocab_size = {d.bpe_vocab_size} must exceed 256 (the byte alphabet)")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"trainer.seq_len = {t.seq_len} must be <= model.max_seq_len = {m.max_seq_len}")
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads != 0:
+        raise ConfigError(f"model.num_heads = {m.num_heads} must be divisible by model.num_kv_heads = {m.num_kv_heads}")
+    if world_size % p.tp != 0:
+        raise ConfigError(f"world_size = {world_size} must be divisible by parallel.tp = {p.tp}")
+    if m.num_heads % p.tp != 0:
+        raise ConfigError(f"model.num_heads = {m.num_heads} must be divisible by parallel.tp = {p.tp}")
+    kv = m.num_kv_heads or m.num_heads
+    if kv % p.tp != 0 and p.tp % kv != 0:
+        raise ConfigError(f"model.num_kv_heads = {kv} must be divisible by parallel.tp = {p.tp} or divide it")
+    if (m.ffn_mult * m.emb_size) % p.tp != 0:
+        raise ConfigError(f"model.ffn_mult * model.emb_size = {m.ffn_mult * m.emb_size} must be divisible by "
+                          f"parallel.tp = {p.tp}")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel = true is reserved and not implemented yet")
