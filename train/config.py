@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional  # noqa: UP035 - OmegaConf needs Optional[...] on Python 3.10
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -22,14 +21,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary
     max_seq_len: int = 128
     emb_size: int = 128
     num_heads: int = 4
     head_size: int = 32
     num_layers: int = 4
     dropout: float = 0.0
-    num_kv_heads: Optional[int] = None
+    num_kv_heads: int | None = None
     bias: bool = True
     tie_embeddings: bool = True
     ffn_mult: int = 4
@@ -38,16 +37,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "stdlib"  # stdlib | text | hf
-    path: Optional[str] = None  # text: a file or a directory of text files
-    hf_name: Optional[str] = None  # hf: dataset name for datasets.load_dataset
-    hf_config: Optional[str] = None
+    path: str | None = None  # text: a file or a directory of text files
+    hf_name: str | None = None  # hf: dataset name for datasets.load_dataset
+    hf_config: str | None = None
     hf_split: str = "train"
     hf_text_field: str = "text"
     tokenizer: str = "byte"  # byte | bpe
     bpe_vocab_size: int = 2048
     val_fraction: float = 0.05
     max_bytes: int = 0  # 0: the whole corpus
-    cache_dir: Optional[str] = None  # default $TP_ATTENTION_CACHE or ~/.cache/tp-attention
+    cache_dir: str | None = None  # default $TP_ATTENTION_CACHE or ~/.cache/tp-attention
 
 
 @dataclass
@@ -55,7 +54,7 @@ class OptimConfig:
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 20
-    decay_steps: Optional[int] = None  # None: trainer.max_steps
+    decay_steps: int | None = None  # None: trainer.max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
