@@ -94,8 +94,9 @@ def free_port() -> int:
 
 
 def env_for(run_id: str, cache: Path) -> dict[str, str]:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # torchrun, accelerate
     return dict(os.environ, OMP_NUM_THREADS="1", TP_RUN_ID=run_id, TP_ATTENTION_CACHE=str(cache),
-                PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
+                PYTHONPATH=str(ROOT), PATH=path)
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +104,15 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")
 
 
-def train(workdir: Path, run_id: str, overrides: list[str], nproc: int = 1, launcher: list[str] | None = None,
-          check: bool = True) -> subprocess.CompletedProcess:
-    """Run the training job in a subprocess; outputs go to workdir/runs/run_id."""
-    if launcher is None:
-        launcher = [sys.executable] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    args = [*launcher, "-m", "train", *TINY, f"trainer.out_dir={workdir / 'runs'}", *overrides]
-    result = subprocess.run(args, env=env_for(run_id, workdir / "cache"), cwd=workdir, capture_output=True,
-                            text=True, timeout=300)
+def train(workdir: Path, run_id: str, overrides: list[str], nproc: int = 1, command: list[str] | None = None,
+          check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the training job in a subprocess (`command` + overrides); outputs go to workdir/runs/run_id."""
+    if command is None:
+        command = [sys.executable, "-m", "train"] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
+    args = [*command, *TINY, f"trainer.out_dir={workdir / 'runs'}", *overrides]
+    result = subprocess.run(args, env={**env_for(run_id, workdir / "cache"), **(env or {})}, cwd=workdir,
+                            capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -190,17 +191,24 @@ def test_resume_auto_continues_the_latest_run(workdir):
     assert steps == list(range(1, 13)), "metrics carried over from the run we resumed"
 
 
+def test_single_node_launch_script(workdir, single):
+    command = ["bash", str(ROOT / "launch" / "torchrun_single_node.sh"), "2"]
+    train(workdir, "script_tp2", ["trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"], command=command)
+    assert_same_curve(losses(workdir, "script_tp2"), single[:5], "launch/torchrun_single_node.sh, tp=2")
+
+
 def test_two_nodes_on_loopback_train_at_tp2(workdir, single):
+    """Two torchrun invocations (--nnodes 2, c10d rendezvous on 127.0.0.1) through the multi-node script."""
     port = free_port()
+    args = ["bash", str(ROOT / "launch" / "torchrun_multi_node.sh"), *TINY, f"trainer.out_dir={workdir / 'runs'}",
+            "trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"]
     procs = []
     for node in (0, 1):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                    "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                    "--rdzv_id=two-nodes"]
-        args = [*launcher, "-m", "train", *TINY, f"trainer.out_dir={workdir / 'runs'}", "trainer.max_steps=5",
-                "trainer.micro_batch=8", "parallel.tp=2"]
-        procs.append(subprocess.Popen(args, env=env_for("two_nodes", workdir / "cache"), cwd=workdir,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {**env_for("", workdir / "cache"), "NNODES": "2", "NODE_RANK": str(node), "NPROC": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RUN_ID": "two_nodes"}
+        env.pop("TP_RUN_ID")  # the run dir name must come from the rendezvous id
+        procs.append(subprocess.Popen(args, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-4000:]
@@ -208,9 +216,13 @@ def test_two_nodes_on_loopback_train_at_tp2(workdir, single):
 
 
 def test_accelerate_launch_on_cpu_runs_two_processes(workdir, single):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]
-    train(workdir, "accelerate", ["trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"], launcher=launcher)
+    config = workdir / "accelerate_cpu.yaml"
+    text = (ROOT / "launch" / "accelerate_cpu.yaml").read_text()
+    config.write_text(text.replace("main_process_port: 29511", f"main_process_port: {free_port()}"))
+    command = ["bash", str(ROOT / "launch" / "accelerate.sh"), str(config)]
+    env = {"ACCELERATE_USE_CPU": ""}  # the script must set it itself
+    train(workdir, "accelerate", ["trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"],
+          command=command, env=env)
     assert_same_curve(losses(workdir, "accelerate"), single[:5], "accelerate launch, tp=2")
     assert (workdir / "runs" / "accelerate" / "logs" / "rank1.log").is_file()
 

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,14 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh 
     return state, finishes
 
 
+@contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group; one process is a supported use here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -107,7 +117,8 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
         tmp.mkdir(parents=True)
     _barrier()
     state, _ = _state(model, optimizer, mesh)
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _barrier()
     if is_main:
         files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
@@ -143,7 +154,8 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: D
     meta = read_meta(path)
     init_optimizer_state(optimizer, meta["step"])
     state, finishes = _state(model, optimizer, mesh)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     for finish in finishes:
         finish()
     return meta
@@ -153,5 +165,6 @@ def load_model_only(path: Path, model: nn.Module) -> dict:
     """Load just the model tensors of a checkpoint into an unsharded model in one process."""
     meta = read_meta(path)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     return meta

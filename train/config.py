@@ -53,7 +53,7 @@ class DataConfig:
 class OptimConfig:
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     decay_steps: int | None = None  # None: trainer.max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -71,14 +71,14 @@ class ParallelConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = 1000
     micro_batch: int = 16
     grad_accum: int = 1
     seq_len: int = 128
-    eval_interval: int = 100
+    eval_interval: int = 200
     eval_batches: int = 8
-    log_interval: int = 10
-    checkpoint_interval: int = 100
+    log_interval: int = 20
+    checkpoint_interval: int = 200
     keep_checkpoints: int = 2
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 1337

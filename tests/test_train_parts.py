@@ -1,0 +1,162 @@
+"""Pieces of the training job on their own: data, TP-aware gradient norm, DCP resharding, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+
+from tests.harness import assert_rel_close, run_threaded
+from tests.test_model import CASES, reference
+from tp_attention import full_state_dict, load_full_state_dict
+from tp_attention.grad_norm import clip_grad_norm_, grad_norm
+from tp_attention.model import GPT
+from tp_attention.state_dict import dcp_state_dict
+from train import checkpoint
+from train.config import ConfigError, DataConfig
+from train.data import prepare_data, step_batch, stdlib_files, windows
+
+
+def no_barrier() -> None:
+    pass
+
+
+def test_stdlib_corpus_is_several_megabytes_of_python():
+    files = stdlib_files()
+    assert len(files) > 100 and sum(f.stat().st_size for f in files) > 3_000_000
+    assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
+
+
+def test_text_source_splits_memmaps_and_caches(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(("hello world, " * 2000).encode() + "\xff binary \x00 bytes é".encode("latin-1"))
+    cfg = DataConfig(source="text", path=str(text), cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
+    data = prepare_data(cfg, True, no_barrier, seq_len=32)
+    assert isinstance(data.train, np.memmap) and data.vocab_size == 256
+    assert len(data.train) + len(data.val) == text.stat().st_size  # bytes in, one token per byte
+    assert abs(len(data.val) - 0.1 * text.stat().st_size) <= 1
+    again = prepare_data(cfg, True, no_barrier, seq_len=32)
+    assert again.directory == data.directory and np.array_equal(again.train, data.train)
+
+
+def test_bpe_tokenizer_is_trained_and_cached_next_to_the_tokens(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    cfg = DataConfig(source="text", path=str(text), cache_dir=str(tmp_path / "cache"), tokenizer="bpe",
+                     bpe_vocab_size=300)
+    data = prepare_data(cfg, True, no_barrier, seq_len=16)
+    assert (data.directory / "tokenizer.json").is_file()
+    assert 256 < data.vocab_size <= 300
+    assert len(data.train) < 0.5 * text.stat().st_size, "BPE should compress"
+    assert data.tokenizer.decode(data.tokenizer.encode("the lazy fox")) == "the lazy fox"
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, r"data.path = '.*missing.txt' does not exist"),
+    (b"", r"corpus is empty"),
+    (b"short text", r"the train split has \d+ tokens, fewer than one window of trainer.seq_len \+ 1 = 65"),
+])
+def test_bad_data_fails_clearly(tmp_path, content, message):
+    path = tmp_path / "missing.txt"
+    if content is not None:
+        path = tmp_path / "data.txt"
+        path.write_bytes(content)
+    cfg = DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=message):
+        prepare_data(cfg, True, no_barrier, seq_len=64)
+
+
+def test_global_batch_depends_only_on_seed_and_step():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    whole = step_batch(tokens, 7, 1, micro_batch=8, grad_accum=1, seq_len=16, dp_rank=0, dp_size=1)[0]
+    halves = [step_batch(tokens, 7, 1, micro_batch=4, grad_accum=1, seq_len=16, dp_rank=r, dp_size=2)[0]
+              for r in range(2)]
+    accumulated = step_batch(tokens, 7, 1, micro_batch=2, grad_accum=4, seq_len=16, dp_rank=0, dp_size=1)
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
+    assert torch.equal(torch.cat([m[0] for m in accumulated]), whole[0])
+    assert torch.equal(whole[1][:, :-1], whole[0][:, 1:]), "targets are the next tokens"
+    other_step = step_batch(tokens, 8, 1, micro_batch=8, grad_accum=1, seq_len=16, dp_rank=0, dp_size=1)[0]
+    assert not torch.equal(other_step[0], whole[0])
+
+
+def test_windows_stay_inside_the_tokens():
+    x, y = windows(np.arange(20, dtype=np.uint16), 500, 19, np.random.default_rng(0))
+    assert x.min() == 0 and y.max() == 19
+
+
+def test_grad_norm_counts_shards_and_replicas_once():
+    cfg = dict(CASES["gqa"], num_kv_heads=1)  # replicated KV heads at tp=4, padded vocab 65
+    ref, idx, targets = reference(cfg)
+    ref(idx, targets).backward()
+    expected = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+    assert_rel_close(grad_norm(ref), expected, 1e-6, "tp=1")
+
+    def sharded(rank, world, state):
+        model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator())
+        load_full_state_dict(model, state)
+        model(idx, targets).backward()
+        before = clip_grad_norm_(model, 0.5, dist.group.WORLD)
+        return before, grad_norm(model, dist.group.WORLD)
+
+    for before, after in run_threaded(4, sharded, ref.state_dict()):
+        assert_rel_close(before, expected, 1e-5, "tp=4 norm")
+        assert_rel_close(after, torch.tensor(0.5), 1e-5, "clipped norm")
+
+
+def save_sharded(rank, world, state, path):
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    model = GPT(**CASES["gqa"] | {"num_kv_heads": 1}, tp_group=mesh.get_group("tp"), generator=torch.Generator())
+    load_full_state_dict(model, state)
+    wrapped, _ = dcp_state_dict(model, model.state_dict(), mesh)
+    dcp.save(wrapped, checkpoint_id=str(path))
+
+
+def load_sharded(rank, world, path, dp):
+    mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "tp"))
+    model = GPT(**CASES["gqa"] | {"num_kv_heads": 1}, tp_group=mesh.get_group("tp"), generator=torch.Generator())
+    wrapped, finish = dcp_state_dict(model, model.state_dict(), mesh)
+    dcp.load(wrapped, checkpoint_id=str(path))
+    finish()
+    return full_state_dict(model)
+
+
+def test_dcp_state_dict_reshards_padded_vocab_and_replicated_kv(tmp_path):
+    """Saved at tp=2, loaded at tp=4, at dp=2 x tp=2 and in one process: all exact."""
+    ref = GPT(**CASES["gqa"] | {"num_kv_heads": 1}, generator=torch.Generator().manual_seed(3))
+    state = ref.state_dict()
+    run_threaded(2, save_sharded, state, tmp_path / "ckpt")
+    for world, dp in [(4, 1), (4, 2)]:
+        for full in run_threaded(world, load_sharded, tmp_path / "ckpt", dp):
+            assert all(torch.equal(full[k], state[k]) for k in state)
+    single = GPT(**CASES["gqa"] | {"num_kv_heads": 1})
+    loaded = {f"model.{k}": v for k, v in single.state_dict().items()}
+    dcp.load({k.removeprefix("model."): v for k, v in loaded.items()}, checkpoint_id=str(tmp_path / "ckpt"),
+             no_dist=True)
+    assert all(torch.equal(single.state_dict()[k], state[k]) for k in state)
+
+
+def test_checkpoint_save_is_atomic_and_verified(tmp_path):
+    model = GPT(**CASES["base"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward()
+    optimizer.step()
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, model, optimizer, None, {"layout": {"dp": 1, "tp": 1}}, keep=2)
+    kept = checkpoint.checkpoint_dirs(tmp_path)
+    assert [p.name for p in kept] == ["step_00000002", "step_00000003"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert checkpoint.verify(kept[-1]) is None
+    shard = next(kept[-1].glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated
+    assert "bytes, expected" in checkpoint.verify(kept[-1])
+    assert checkpoint.latest_valid([tmp_path]) == kept[0]
+
+    fresh = GPT(**CASES["base"])
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    assert checkpoint.load(kept[0], fresh, fresh_optimizer, None)["step"] == 2
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        assert torch.equal(optimizer.state[p]["exp_avg"], fresh_optimizer.state[q]["exp_avg"]), name
