@@ -17,7 +17,7 @@ from tp_attention.model import GPT
 from tp_attention.state_dict import dcp_state_dict
 from train import checkpoint
 from train.config import ConfigError, DataConfig
-from train.data import prepare_data, step_batch, stdlib_files, windows
+from train.data import prepare_data, stdlib_files, step_batch, windows
 
 
 def no_barrier() -> None:
