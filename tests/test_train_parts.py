@@ -144,7 +144,7 @@ def test_checkpoint_save_is_atomic_and_verified(tmp_path):
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward()
     optimizer.step()
     for step in (1, 2, 3):
-        checkpoint.save(tmp_path, step, model, optimizer, None, {"layout": {"dp": 1, "tp": 1}}, keep=2)
+        checkpoint.save(tmp_path, step, model, optimizer, None, {"optimizer_steps": 1}, keep=2)
     kept = checkpoint.checkpoint_dirs(tmp_path)
     assert [p.name for p in kept] == ["step_00000002", "step_00000003"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
@@ -152,7 +152,8 @@ def test_checkpoint_save_is_atomic_and_verified(tmp_path):
     shard = next(kept[-1].glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-10])  # truncated
     assert "bytes, expected" in checkpoint.verify(kept[-1])
-    assert checkpoint.latest_valid([tmp_path]) == kept[0]
+    found, problems = checkpoint.latest_valid([tmp_path])
+    assert found == kept[0] and problems == [f"step_00000003: {checkpoint.verify(kept[-1])}"]
 
     fresh = GPT(**CASES["base"])
     fresh_optimizer = torch.optim.AdamW(fresh.parameters())

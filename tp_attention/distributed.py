@@ -68,6 +68,19 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _elastic_store(timeout: timedelta | None) -> dist.Store | None:
+    """torchrun's store, its keys prefixed by the restart attempt; None outside torchrun.
+
+    torchrun (2.13) keeps one store across restarts, so a restarted job would read the previous
+    attempt's gloo addresses and fail with "Connection refused" about half the time.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout or timedelta(minutes=30))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_parallel_groups(
     tp: int, device_type: str | None = None, timeout_s: float | None = None
 ) -> ParallelGroups:
@@ -85,7 +98,11 @@ def init_parallel_groups(
         timeout = timedelta(seconds=timeout_s) if timeout_s else None
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timeout)
+        store = _elastic_store(timeout)
+        where = {}
+        if store is not None:
+            where = dict(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(backend, timeout=timeout, **where)
     world = dist.get_world_size()
     if tp < 1 or world % tp != 0:
         raise ValueError(f"world_size = {world} must be a positive multiple of tp = {tp}")

@@ -11,6 +11,7 @@ at any (dp, tp). The step is the whole RNG and sampler state (both are derived f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -25,9 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.device_mesh import DeviceMesh
 
-from tp_attention.state_dict import dcp_state_dict
+from tp_attention.state_dict import dcp_state_dict, full_shapes
+from train import faults
+from train.config import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 META = "meta.json"
@@ -67,16 +71,38 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def latest_valid(run_dirs: list[Path]) -> Path | None:
-    """The newest (last written) intact checkpoint among `run_dirs`, warning about each broken one."""
+def latest_valid(run_dirs: list[Path]) -> tuple[Path | None, list[str]]:
+    """The newest (last written) intact checkpoint among `run_dirs`, and what is wrong with each newer one.
+
+    Every broken checkpoint passed over is logged as a warning.
+    """
     candidates = sorted((c for d in run_dirs for c in checkpoint_dirs(d)),
                         key=lambda c: (c.stat().st_mtime, c.name), reverse=True)
+    problems = []
     for candidate in candidates:
         problem = verify(candidate)
         if problem is None:
-            return candidate
+            return candidate, problems
         log.warning("skipping checkpoint %s: %s", candidate, problem)
-    return None
+        problems.append(f"{candidate.name}: {problem}")
+    return None, problems
+
+
+def check_compatible(path: Path, model: nn.Module) -> None:
+    """Refuse a checkpoint of another model shape, listing every parameter that differs.
+
+    Raises:
+        ConfigError: a parameter is missing, unexpected, or has another (full) shape.
+    """
+    saved = {k.removeprefix("model."): tuple(v.size) for k, v in
+             FileSystemReader(str(path)).read_metadata().state_dict_metadata.items() if k.startswith("model.")}
+    expected = {k: tuple(v) for k, v in full_shapes(model).items()}
+    problems = [f"{k}: checkpoint {saved[k]} != model {shape}" for k, shape in expected.items()
+                if k in saved and saved[k] != shape]
+    problems += [f"{k}: missing from the checkpoint" for k in expected if k not in saved]
+    problems += [f"{k}: not in the model" for k in saved if k not in expected]
+    if problems:
+        raise ConfigError(f"checkpoint {path} was saved from another model shape:\n  " + "\n  ".join(problems))
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh | None):
@@ -113,20 +139,28 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step_*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    rank = dist.get_rank() if dist.is_initialized() else 0
     state, _ = _state(model, optimizer, mesh)
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    _barrier()
+    try:
+        faults.inject("enospc_in_save", step, rank)
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        _barrier()
+        faults.inject("crash_in_save", step, rank)
+        if is_main:
+            _seal(tmp, {"step": step, **extra})
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoint_dirs(run_dir)
+        raise TrainingError(f"disk full while writing checkpoint step {step} to {root} ({e.strerror}); "
+                            f"the last complete checkpoint is {previous[-1] if previous else 'none'}") from e
     if is_main:
-        files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-        meta = {"step": step, "files": files, **extra}
-        with (tmp / META).open("w") as f:
-            json.dump(meta, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -135,8 +169,17 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
     return final
 
 
+def _seal(directory: Path, meta: dict[str, Any]) -> None:
+    """Record each file's size and SHA-256 in meta.json and flush it to disk."""
+    meta["files"] = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(directory.iterdir())}
+    with (directory / META).open("w") as f:
+        json.dump(meta, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def init_optimizer_state(optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Give every parameter AdamW state (zeros) so that DCP has tensors to load into."""
+    """Give every parameter AdamW state (zeros, `step` updates done) so that DCP has tensors to load into."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]
@@ -152,7 +195,8 @@ def read_meta(path: Path) -> dict[str, Any]:
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh | None) -> dict:
     """Load checkpoint `path` into `model` and `optimizer` at the current layout; returns its meta."""
     meta = read_meta(path)
-    init_optimizer_state(optimizer, meta["step"])
+    check_compatible(path, model)
+    init_optimizer_state(optimizer, meta["optimizer_steps"])
     state, finishes = _state(model, optimizer, mesh)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
@@ -164,6 +208,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: D
 def load_model_only(path: Path, model: nn.Module) -> dict:
     """Load just the model tensors of a checkpoint into an unsharded model in one process."""
     meta = read_meta(path)
+    check_compatible(path, model)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=True)

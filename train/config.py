@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """An invalid configuration: the message names the value and the rule."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (timeouts, repeated non-finite steps, a full disk): says why and what is safe."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int | None = None  # None: the tokenizer's vocabulary
@@ -87,6 +91,7 @@ class TrainerConfig:
     sample_tokens: int = 200
     sample_prompt: str = "def "
     progress: bool = True
+    max_bad_steps: int = 25  # consecutive steps with non-finite loss or gradients before the run stops
 
 
 @dataclass
@@ -135,7 +140,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _positive(m, ("vocab_size", "max_seq_len", "emb_size", "num_heads", "head_size", "num_layers", "num_kv_heads",
                   "ffn_mult"), "model")
     _positive(t, ("max_steps", "micro_batch", "grad_accum", "seq_len", "eval_interval", "eval_batches",
-                  "log_interval", "checkpoint_interval", "keep_checkpoints"), "trainer")
+                  "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"), "trainer")
     _positive(o, ("lr", "decay_steps"), "optim")
     _positive(p, ("tp", "timeout_s"), "parallel")
     if not 0 <= m.dropout < 1:

@@ -23,7 +23,7 @@ def export(source: Path, out: Path | None = None) -> Path:
     Raises:
         FileNotFoundError: no intact checkpoint at `source`.
     """
-    path = source if (source / checkpoint.META).is_file() else checkpoint.latest_valid([source])
+    path = source if (source / checkpoint.META).is_file() else checkpoint.latest_valid([source])[0]
     problem = "no checkpoint found" if path is None else checkpoint.verify(path)
     if problem:
         raise FileNotFoundError(f"cannot export {source}: {problem}")
