@@ -2,7 +2,9 @@
 
 Same architecture as `tp_attention.model.GPT` with tied embeddings, ffn_mult 4 and
 emb_size == num_heads * head_size; parameter names are nanoGPT's, so
-`tp_attention.convert.to_nanogpt` output loads into it directly.
+`tp_attention.convert.to_nanogpt` output loads into it directly. `split_qkv=True` gives separate
+`q`, `k`, `v` projections instead of the fused `c_attn`: the shape PyTorch's DTensor TP plans expect,
+and the attention reshapes with `-1` heads, so it runs on local heads once parallelized (torchtitan's way).
 """
 
 from __future__ import annotations
@@ -15,19 +17,25 @@ from torch import nn
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, emb: int, heads: int, dropout: float, bias: bool) -> None:
+    def __init__(self, emb: int, heads: int, dropout: float, bias: bool, split_qkv: bool = False) -> None:
         super().__init__()
-        self.c_attn = nn.Linear(emb, 3 * emb, bias=bias)
+        if split_qkv:
+            self.q, self.k, self.v = (nn.Linear(emb, emb, bias=bias) for _ in range(3))
+        else:
+            self.c_attn = nn.Linear(emb, 3 * emb, bias=bias)
         self.c_proj = nn.Linear(emb, emb, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
-        self.heads = heads
+        self.head_size, self.split_qkv = emb // heads, split_qkv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, emb = x.shape
-        q, k, v = self.c_attn(x).split(emb, dim=2)
-        q, k, v = (t.view(batch, seq, self.heads, emb // self.heads).transpose(1, 2) for t in (q, k, v))
+        batch, seq, _ = x.shape
+        if self.split_qkv:
+            q, k, v = self.q(x), self.k(x), self.v(x)  # local heads when parallelized
+        else:
+            q, k, v = self.c_attn(x).chunk(3, dim=2)
+        q, k, v = (t.view(batch, seq, -1, self.head_size).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, seq, emb)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, seq, -1)))
 
 
 class MLP(nn.Module):
@@ -42,10 +50,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, emb: int, heads: int, dropout: float, bias: bool) -> None:
+    def __init__(self, emb: int, heads: int, dropout: float, bias: bool, split_qkv: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(emb, bias=bias)
-        self.attn = CausalSelfAttention(emb, heads, dropout, bias)
+        self.attn = CausalSelfAttention(emb, heads, dropout, bias, split_qkv)
         self.ln_2 = nn.LayerNorm(emb, bias=bias)
         self.mlp = MLP(emb, dropout, bias)
 
@@ -56,13 +64,13 @@ class Block(nn.Module):
 
 class NanoGPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_embd: int, n_head: int, n_layer: int,
-                 dropout: float = 0.0, bias: bool = True) -> None:
+                 dropout: float = 0.0, bias: bool = True, split_qkv: bool = False) -> None:
         super().__init__()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd),
             wpe=nn.Embedding(block_size, n_embd),
             drop=nn.Dropout(dropout),
-            h=nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
+            h=nn.ModuleList(Block(n_embd, n_head, dropout, bias, split_qkv) for _ in range(n_layer)),
             ln_f=nn.LayerNorm(n_embd, bias=bias),
         ))
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
@@ -88,3 +96,27 @@ class NanoGPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+
+
+def parallelize_with_dtensor(model: NanoGPT, tp_mesh) -> NanoGPT:
+    """PyTorch-native TP of a `split_qkv=True` model, as torchtitan writes it (without sequence parallel).
+
+    Q/K/V and the MLP up-projection column-wise, both output projections row-wise; each block's
+    attention and MLP input is made a replicated DTensor once, so its gradient is all-reduced once.
+    Embeddings, LM head and loss stay replicated.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    prepare = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
+    plan = {"attn": prepare, "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+            "attn.c_proj": RowwiseParallel(), "mlp": prepare, "mlp.c_fc": ColwiseParallel(),
+            "mlp.c_proj": RowwiseParallel()}
+    for block in model.transformer.h:
+        parallelize_module(block, tp_mesh, plan)
+    return model

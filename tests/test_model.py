@@ -84,19 +84,20 @@ def sharded_cross_entropy(rank, world, vocab, full_logits, target, ignore_index)
     return loss.detach(), local.grad[..., : real.size(-1)], (start, start + real.size(-1))
 
 
+@pytest.mark.parametrize("vocab", [65, 3])  # 3 at tp=4: the last rank holds only padding
 @pytest.mark.parametrize("ignore", [False, True])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_vocab_parallel_cross_entropy_equals_f_cross_entropy(tp, ignore):
+def test_vocab_parallel_cross_entropy_equals_f_cross_entropy(tp, ignore, vocab):
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5, 65, generator=gen) * 4
-    target = torch.randint(0, 65, (3, 5), generator=gen)
+    logits = torch.randn(3, 5, vocab, generator=gen) * 4
+    target = torch.randint(0, vocab, (3, 5), generator=gen)
     if ignore:
         target[1, 2:] = -100
     full = logits.clone().requires_grad_()
-    expected = F.cross_entropy(full.view(-1, 65), target.view(-1), ignore_index=-100)
+    expected = F.cross_entropy(full.view(-1, vocab), target.view(-1), ignore_index=-100)
     expected.backward()
     runner = run_gloo if tp == 1 else run_threaded
-    for loss, grad, (lo, hi) in runner(tp, sharded_cross_entropy, 65, logits, target, -100):
+    for loss, grad, (lo, hi) in runner(tp, sharded_cross_entropy, vocab, logits, target, -100):
         assert_rel_close(loss, expected.detach(), FP32_TOL, "loss")
         assert_rel_close(grad, full.grad[..., lo:hi], FP32_TOL, "grad of logits")
 

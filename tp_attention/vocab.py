@@ -85,7 +85,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = target - vocab_start
         here = valid & (local_target >= 0) & (local_target < local_vocab)  # target row on this rank
         local_target = local_target.clamp(0, local_vocab - 1)
-        target_logit = shifted.gather(-1, local_target[:, None]).squeeze(-1) * here
+        target_logit = torch.where(here, shifted.gather(-1, local_target[:, None]).squeeze(-1), 0.0)  # pad: -inf
         exp = shifted.exp()
         stats = torch.stack([exp.sum(dim=-1), target_logit])  # (2, N): one all-reduce for both
         if tp_size(group) > 1:

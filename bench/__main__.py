@@ -1,0 +1,140 @@
+"""Benchmark: our TP GPT against PyTorch-native DTensor TP, the same model in one process, and nanoGPT.
+
+    python -m bench                      # small + medium, fp32 + bf16 (a few minutes on 2 cores)
+    python -m bench --quick              # small, fp32 only
+
+Every configuration runs in a fresh process (or torchrun job), side by side in this one invocation:
+  plain      nanoGPT-style model, no TP code, one process using all cores  (the "ideal")
+  ours       tp_attention.GPT at tp=1, one process using all cores
+  ours       tp_attention.GPT at tp=N under torchrun, one thread per rank
+  dtensor    the same model parallelized with torch.distributed.tensor.parallel, tp=N, one thread per rank
+MFU = model FLOPs (nanoGPT's 6N + 12LHDT per token) / step time / the machine's measured matmul peak
+(all cores, same dtype). Results: bench/results/latest.json and latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.worker import SHAPES, VOCAB
+from tp_attention.flops import flops_per_token, measure_peak_flops
+from tp_attention.model import GPT, GPTConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {  # ratio name: {dtype: target}
+    "ours_tp / dtensor_tp": {"fp32": 0.75, "bf16": 0.75},
+    "ours_tp / ideal": {"fp32": 1.10, "bf16": 1.25},
+    "ours_tp1 / plain": {"fp32": 1.00, "bf16": 1.00},
+}
+
+
+def run_worker(variant: str, shape: str, dtype: str, ranks: int, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        worker = ["-m", "bench.worker", "--variant", variant, "--shape", shape, "--dtype", dtype,
+                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]
+        env = dict(os.environ)
+        if ranks == 1:
+            command = [sys.executable, *worker]
+            env.pop("OMP_NUM_THREADS", None)  # one process: all cores
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                       *worker]
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+        subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+        return json.loads(out.read_text())
+
+
+def model_flops(shape: str) -> float:
+    layers, heads, width, seq, batch = SHAPES[shape]
+    cfg = GPTConfig(vocab_size=VOCAB, max_seq_len=seq, emb_size=width, num_heads=heads, head_size=width // heads,
+                    num_layers=layers, dropout=0.0)
+    return flops_per_token(cfg, GPT.from_config(cfg).num_parameters(), seq) * batch * seq
+
+
+def ratios(rows: list[dict], tp: int) -> list[dict]:
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for dtype in dict.fromkeys(r["dtype"] for r in rows):
+            by = {(r["variant"], r["ranks"]): r["step_median_s"] for r in rows if (r["shape"], r["dtype"]) == (shape,
+                                                                                                          dtype)}
+            if not by:
+                continue
+            values = {"ours_tp / dtensor_tp": by[("ours", tp)] / by[("dtensor", tp)],
+                      "ours_tp / ideal": by[("ours", tp)] / by[("plain", 1)],
+                      "ours_tp1 / plain": by[("ours", 1)] / by[("plain", 1)]}
+            for name, value in values.items():
+                target = TARGETS[name][dtype]
+                out.append({"shape": shape, "dtype": dtype, "ratio": name.replace("_tp", f"_tp{tp}"),
+                            "value": value, "target": target, "met": value <= target})
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}",
+             "", "| shape | dtype | variant | ranks x threads | median s | min s | tokens/s | GFLOP/s | MFU "
+             "| peak RSS/rank MiB | collectives/step | MB/step |", "|" + "---|" * 12]
+    for r in result["rows"]:
+        calls = ", ".join(f"{n} {c}" for n, c in sorted(r["collectives_per_step"].items())) or "-"
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['variant']} | {r['ranks']} x {r['threads']} "
+                     f"| {r['step_median_s']:.3f} | {r['step_min_s']:.3f} | {r['tokens_per_s']:,.0f} "
+                     f"| {r['gflops']:.1f} | {r['mfu']:.1%} | {r['peak_rss_mib']:.0f} | {calls} "
+                     f"| {r['collective_bytes_per_step'] / 1e6:.1f} |")
+    lines += ["", "| shape | dtype | ratio (step time) | value | target | met |", "|---|---|---|---|---|---|"]
+    for r in result["ratios"]:
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['ratio']} | {r['value']:.2f} | <= {r['target']:.2f} "
+                     f"| {'yes' if r['met'] else 'no'} |")
+    peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in result["peak_flops"].items())
+    lines += ["", f"Measured matmul peak (one process, all cores): {peaks}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shape, fp32 only")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    tps = [tp for tp in (2, 4) if tp <= cores]
+    shapes = ["small"] if args.quick else list(SHAPES)
+    dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
+    jobs = [(variant, shape, dtype, ranks) for shape in shapes for dtype in dtypes
+            for variant, ranks in [("plain", 1), ("ours", 1), *[(v, tp) for tp in tps for v in ("ours", "dtensor")]]]
+    torch.set_num_threads(cores)
+    peak = {d: measure_peak_flops("cpu", torch.float32 if d == "fp32" else torch.bfloat16, size=2048, seconds=2.0)
+            for d in dtypes}
+    rows = []
+    for variant, shape, dtype, ranks in tqdm(jobs, desc="bench", unit="config"):
+        row = run_worker(variant, shape, dtype, ranks, args)
+        flops = model_flops(shape)
+        row.update(tokens_per_s=row["tokens_per_step"] / row["step_median_s"],
+                   gflops=flops / row["step_median_s"] / 1e9, mfu=flops / row["step_median_s"] / peak[dtype])
+        rows.append(row)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    result = {"command": "python -m bench" + (" --quick" if args.quick else ""),
+              "machine": f"{cpu}, {cores} cores, torch {torch.__version__}, gloo",
+              "date": datetime.date.today().isoformat(), "peak_flops": peak, "rows": rows,
+              "ratios": [r for tp in tps for r in ratios(rows, tp)]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(result, indent=2))
+    (args.out / "latest.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""One benchmark configuration in this process (or this torchrun rank): time a full training step.
+
+    python -m bench.worker --variant ours --shape small --dtype fp32 --out result.json
+    torchrun --nproc_per_node 2 -m bench.worker --variant dtensor ...
+
+A step is forward, loss, backward and AdamW on the same random tokens for every variant. Step time
+is the slowest rank's. Collectives are counted (calls and bytes) over one extra step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from collections import Counter
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from bench.nanogpt import NanoGPT, parallelize_with_dtensor
+from tp_attention.distributed import init_parallel_groups
+from tp_attention.model import GPT, GPTConfig
+
+SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
+    "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
+    "medium": (8, 8, 512, 256, 4),
+}
+VOCAB = 256
+COLLECTIVES = ("allreduce", "allgather", "reducescatter", "broadcast", "alltoall")
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts c10d and functional (DTensor) collectives, and their payload: per call, the bytes of the
+    largest tensor argument (what one rank contributes: the all-reduced tensor, one gathered chunk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.bytes = Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0].rstrip("_")
+        if func.namespace in ("c10d", "_c10d_functional") and name.replace("_", "").startswith(COLLECTIVES):
+            self.calls[name] += 1
+            tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
+            self.bytes += max((t.numel() * t.element_size() for t in tensors), default=0)
+        return func(*args, **(kwargs or {}))
+
+
+def build(variant: str, shape: str, tp_group, mesh) -> torch.nn.Module:
+    layers, heads, width, seq, _ = SHAPES[shape]
+    torch.manual_seed(0)
+    if variant == "ours":
+        cfg = GPTConfig(vocab_size=VOCAB, max_seq_len=seq, emb_size=width, num_heads=heads, head_size=width // heads,
+                        num_layers=layers, dropout=0.0)
+        return GPT.from_config(cfg, tp_group=tp_group)
+    model = NanoGPT(VOCAB, seq, width, heads, layers, split_qkv=variant == "dtensor")
+    return parallelize_with_dtensor(model, mesh["tp"]) if variant == "dtensor" else model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", choices=["ours", "plain", "dtensor"], required=True)
+    parser.add_argument("--shape", choices=list(SHAPES), default="small")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    groups = init_parallel_groups(tp=world, device_type="cpu") if world > 1 else None
+    tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
+    model = build(args.variant, args.shape, tp_group, mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    _, _, _, seq, batch = SHAPES[args.shape]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    y = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+
+    def step() -> float:
+        with autocast:
+            loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    times = []
+    for _ in range(args.warmup + args.steps):
+        if world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    times = torch.tensor(times[args.warmup:])
+    if world > 1:  # the step ends when the slowest rank ends
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    counter = CollectiveCounter()
+    with counter:
+        step()
+    result = {
+        "variant": args.variant, "shape": args.shape, "dtype": args.dtype, "ranks": world,
+        "threads": torch.get_num_threads(), "step_median_s": statistics.median(times.tolist()),
+        "step_min_s": min(times.tolist()), "tokens_per_step": batch * seq,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "collectives_per_step": dict(counter.calls), "collective_bytes_per_step": counter.bytes,
+    }
+    if world == 1 or dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
