@@ -294,3 +294,27 @@ def test_attention_maps_gathered_at_tp2_equal_unsharded():
 
     for result in run_threaded(2, maps, model.state_dict()):
         assert_rel_close(result, expected, FP32_TOL, "attention maps")
+
+
+def test_autocast_bf16_sharded_matches_unsharded():
+    """The fused f + linear keeps autocast's casts for its own backward."""
+    ref, idx, targets = reference(CASES["gqa"])
+
+    def run(model):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, targets)
+        loss.backward()
+        return loss.detach(), full_grads(model)
+
+    def sharded(rank, world, state):
+        model = GPT(**CASES["gqa"], tp_group=dist.group.WORLD, generator=torch.Generator())
+        load_full_state_dict(model, state)
+        return run(model)
+
+    loss, grads = run(ref)
+    for r_loss, r_grads in run_threaded(2, sharded, ref.state_dict()):
+        assert_rel_close(r_loss, loss, BF16_TOL, "autocast loss")
+        for name in grads:
+            assert r_grads[name].dtype == torch.float32
+            assert_rel_close(r_grads[name], grads[name], BF16_TOL, f"autocast grad of {name}")

@@ -4,7 +4,8 @@
            ├─ _k (column) ─┼─ SDPA on local heads ─ _layer (row) ─g─ + bias ─ dropout ─> y
            └─ _v (column) ─┘
 
-f (`copy_to_tp`) is applied once for Q, K and V: one all-reduce of dx in backward. g, inside the
+Q, K and V are one GEMM over their concatenated local weights with f fused in: one all-reduce of dx
+in backward, started before and overlapped with the weight-gradient matmul. g, inside the
 row-parallel `_layer`, is one all-reduce of y in forward. Nothing else communicates (except the
 gradient sum over replicated KV heads when there are fewer KV heads than ranks).
 
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
-from tp_attention.layers import ColumnParallelLinear, RowParallelLinear
-from tp_attention.mappings import copy_to_tp, gather_from_tp
+from tp_attention.layers import ColumnParallelLinear, RowParallelLinear, column_parallel_linear
+from tp_attention.mappings import gather_from_tp
 
 MASK_HELP = (
     "a mask is [B, T] (key padding: 1/True = attend), [T, T], [B, T, T] or [B, H, T, T] "
@@ -213,12 +214,20 @@ class MultiHeadAttention(nn.Module):
         return tuple(HeadView(self, i) for i in range(self.local_heads))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Local-head queries `(B, H_local, T, D)` and keys/values `(B, KV_local, T, D)`."""
+        """Local-head queries `(B, H_local, T, D)` and keys/values `(B, KV_local, T, D)`.
+
+        Q, K and V are one GEMM over their concatenated local weights, with f fused in: one
+        all-reduce of dx in backward, overlapped with the weight-gradient matmul.
+        """
         batch, seq_len, _ = x.shape
-        x = copy_to_tp(x, self.tp_group)  # f: one all-reduce of dx for Q, K and V together
-        q = self._q(x).view(batch, seq_len, self.local_heads, self.head_size)
-        k = self._k(x).view(batch, seq_len, self.local_kv_heads, self.head_size)
-        v = self._v(x).view(batch, seq_len, self.local_kv_heads, self.head_size)
+        (wq, bq), (wk, bk), (wv, bv) = self._q.params(), self._k.params(), self._v.params()
+        weight = torch.cat([wq, wk, wv])  # (H_local*D + 2*KV_local*D, E)
+        bias = None if bq is None else torch.cat([bq, bk, bv])
+        qkv = column_parallel_linear(x, weight, bias, self.tp_group)
+        q, k, v = qkv.split([wq.size(0), wk.size(0), wv.size(0)], dim=-1)
+        q = q.view(batch, seq_len, self.local_heads, self.head_size)
+        k = k.view(batch, seq_len, self.local_kv_heads, self.head_size)
+        v = v.view(batch, seq_len, self.local_kv_heads, self.head_size)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _combined_mask(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
-from tp_attention.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from tp_attention.mappings import gather_from_tp, reduce_from_tp, scatter_to_tp
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,45 @@ class _SumGradOverReplicas(torch.autograd.Function):
         return (None, None, *(s.view_as(g) for s, g in zip(summed, grads, strict=True)))
 
 
+class _CopyToTPLinear(torch.autograd.Function):
+    """f and a linear layer in one: `y = x @ W^T + b` forward; in backward the all-reduce of dx is
+    started first and runs while dW and db are computed (Megatron's async input-gradient all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, and keep the casts for backward
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.to(weight.dtype)
+        dx, handle = None, None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ weight  # (*, in)
+            handle = dist.all_reduce(dx, group=ctx.group, async_op=True)
+        dy2d = dy.reshape(-1, dy.size(-1))
+        dw = dy2d.t() @ x.reshape(-1, x.size(-1))  # (out, in): computed while dx travels
+        db = dy2d.sum(0) if ctx.has_bias else None
+        if handle is not None:
+            handle.wait()
+        return dx, dw, db, None
+
+
+def column_parallel_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup | None
+) -> torch.Tensor:
+    """`copy_to_tp` then `F.linear`, with the backward all-reduce of dx overlapped with dW's matmul."""
+    if tp_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _CopyToTPLinear.apply(x, weight, bias, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """`y = x @ W^T + b` with the output features split over the TP group.
 
@@ -158,7 +197,8 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(spec.slice(weight, rank, tp).clone())
         self.bias = nn.Parameter(spec.slice(full_bias, rank, tp).clone()) if bias else None
 
-    def _params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias as the forward uses them (through the replica gradient sum if any)."""
         spec = self.tp_shards["weight"]
         if spec.num_shards == tp_size(self.tp_group):
             return self.weight, self.bias
@@ -167,10 +207,9 @@ class ColumnParallelLinear(nn.Module):
         return summed[0], (summed[1] if self.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.copy_input:
-            x = copy_to_tp(x, self.tp_group)
-        weight, bias = self._params()
-        y = F.linear(x, weight, bias)  # (*, out / num_shards)
+        weight, bias = self.params()
+        # f fused in when copy_input: dx's all-reduce overlaps dW's matmul
+        y = column_parallel_linear(x, weight, bias, self.tp_group) if self.copy_input else F.linear(x, weight, bias)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
-from tp_attention.layers import ShardSpec
-from tp_attention.mappings import copy_to_tp, gather_from_tp, reduce_from_tp
+from tp_attention.layers import ShardSpec, column_parallel_linear
+from tp_attention.mappings import gather_from_tp, reduce_from_tp
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -54,7 +54,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """This rank's logits `[B, T, local_vocab]` for hidden states `h` `[B, T, E]`; pad columns are -inf."""
-        logits = F.linear(copy_to_tp(h, self.tp_group), self.weight)
+        logits = column_parallel_linear(h, self.weight, None, self.tp_group)  # f fused in, overlapped
         if self.local_real < self.local_vocab:
             pad = torch.arange(self.local_vocab, device=logits.device) >= self.local_real
             logits = logits.masked_fill(pad, float("-inf"))

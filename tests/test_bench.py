@@ -1,0 +1,29 @@
+"""The benchmark runs end to end (one step per configuration) and writes its JSON and table.
+
+Speed itself is never asserted here: the numbers live in bench/results and the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tp=2 needs two cores")
+def test_quick_benchmark_writes_results(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench", "--quick", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "latest.json").read_text())
+    variants = {(r["variant"], r["ranks"]) for r in result["rows"]}
+    assert variants == {("plain", 1), ("ours", 1), ("ours", 2), ("dtensor", 2)}
+    ours_tp2 = next(r for r in result["rows"] if (r["variant"], r["ranks"]) == ("ours", 2))
+    assert ours_tp2["collectives_per_step"] == {"allreduce": 6 * 4 + 4}  # 4 per layer + embedding, LM head, loss
+    assert {r["ratio"] for r in result["ratios"]} == {"ours tp2 / dtensor tp2", "ours tp2 / ideal", "ours tp1 / plain"}
+    assert "| small | fp32 | ours | 2 x 1 |" in (tmp_path / "latest.md").read_text()
