@@ -6,7 +6,8 @@
 Every configuration runs in a fresh process (or torchrun job), side by side in this one invocation:
   plain      nanoGPT-style model, no TP code, one process using all cores  (the "ideal")
   ours       tp_attention.GPT at tp=1, one process using all cores
-  ours       tp_attention.GPT at tp=N under torchrun, one thread per rank
+  ours       tp_attention.GPT at tp=N under torchrun, one thread per rank, all-reduces in shared memory
+  ours_gloo  the same with every all-reduce through gloo
   dtensor    the same model parallelized with torch.distributed.tensor.parallel, tp=N, one thread per rank
 MFU = model FLOPs (nanoGPT's 6N + 12LHDT per token) / step time / the machine's measured matmul peak
 (all cores, same dtype). Results: bench/results/latest.json and latest.md.
@@ -36,6 +37,8 @@ TARGETS = {  # ratio of step times, {tp} filled in: {dtype: target}
     "ours tp{tp} / dtensor tp{tp}": {"fp32": 0.75, "bf16": 0.75},
     "ours tp{tp} / ideal": {"fp32": 1.10, "bf16": 1.25},
     "ours tp1 / plain": {"fp32": 1.00, "bf16": 1.00},
+    "ours_gloo tp{tp} / dtensor tp{tp}": {"fp32": 0.75, "bf16": 0.75},
+    "ours_gloo tp{tp} / ideal": {"fp32": 1.10, "bf16": 1.25},
 }
 
 
@@ -72,7 +75,8 @@ def ratios(rows: list[dict], tp: int) -> list[dict]:
             if not by:
                 continue
             values = [by[("ours", tp)] / by[("dtensor", tp)], by[("ours", tp)] / by[("plain", 1)],
-                      by[("ours", 1)] / by[("plain", 1)]]
+                      by[("ours", 1)] / by[("plain", 1)], by[("ours_gloo", tp)] / by[("dtensor", tp)],
+                      by[("ours_gloo", tp)] / by[("plain", 1)]]
             for name, value in zip(TARGETS, values, strict=True):
                 target = TARGETS[name][dtype]
                 out.append({"shape": shape, "dtype": dtype, "ratio": name.format(tp=tp), "value": value,
@@ -112,7 +116,8 @@ def main() -> None:
     shapes = ["small"] if args.quick else list(SHAPES)
     dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
     jobs = [(variant, shape, dtype, ranks) for shape in shapes for dtype in dtypes
-            for variant, ranks in [("plain", 1), ("ours", 1), *[(v, tp) for tp in tps for v in ("ours", "dtensor")]]]
+            for variant, ranks in [("plain", 1), ("ours", 1),
+                                   *[(v, tp) for tp in tps for v in ("ours", "ours_gloo", "dtensor")]]]
     torch.set_num_threads(cores)
     peak = {d: measure_peak_flops("cpu", torch.float32 if d == "fp32" else torch.bfloat16, size=2048, seconds=2.0)
             for d in dtypes}

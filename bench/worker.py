@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 from bench.nanogpt import NanoGPT, parallelize_with_dtensor
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.model import GPT, GPTConfig
+from tp_attention.shm import communicator_for, enable_shared_memory_all_reduce
 
 SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
@@ -55,7 +56,7 @@ class CollectiveCounter(TorchDispatchMode):
 def build(variant: str, shape: str, tp_group, mesh) -> torch.nn.Module:
     layers, heads, width, seq, _ = SHAPES[shape]
     torch.manual_seed(0)
-    if variant == "ours":
+    if variant in ("ours", "ours_gloo"):
         cfg = GPTConfig(vocab_size=VOCAB, max_seq_len=seq, emb_size=width, num_heads=heads, head_size=width // heads,
                         num_layers=layers, dropout=0.0)
         return GPT.from_config(cfg, tp_group=tp_group)
@@ -65,7 +66,7 @@ def build(variant: str, shape: str, tp_group, mesh) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", choices=["ours", "plain", "dtensor"], required=True)
+    parser.add_argument("--variant", choices=["ours", "ours_gloo", "plain", "dtensor"], required=True)
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--warmup", type=int, default=2)
@@ -76,6 +77,8 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     groups = init_parallel_groups(tp=world, device_type="cpu") if world > 1 else None
     tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
+    if args.variant == "ours":  # same-host TP all-reduces through shared memory; "ours_gloo" keeps gloo's
+        enable_shared_memory_all_reduce(tp_group)
     model = build(args.variant, args.shape, tp_group, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     _, _, _, seq, batch = SHAPES[args.shape]
@@ -103,8 +106,13 @@ def main() -> None:
     if world > 1:  # the step ends when the slowest rank ends
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
     counter = CollectiveCounter()
+    shm = communicator_for(tp_group, torch.ones(1))
+    shm_before = (shm.calls, shm.bytes) if shm else (0, 0)
     with counter:
         step()
+    if shm:
+        counter.calls["shm_all_reduce"] += shm.calls - shm_before[0]
+        counter.bytes += shm.bytes - shm_before[1]
     result = {
         "variant": args.variant, "shape": args.shape, "dtype": args.dtype, "ranks": world,
         "threads": torch.get_num_threads(), "step_median_s": statistics.median(times.tolist()),

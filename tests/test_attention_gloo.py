@@ -16,6 +16,7 @@ from tests.test_attention import (
     reference_case,
 )
 from tp_attention import MultiHeadAttention, full_state_dict, load_full_state_dict
+from tp_attention.shm import enable_shared_memory_all_reduce
 
 GQA = dict(CFG, num_heads=4, num_kv_heads=1)
 
@@ -32,9 +33,11 @@ def count_collectives(step) -> tuple[dict[str, int], dict[str, int]]:
     return comm_counts(per_pass["forward"]), comm_counts(per_pass["backward"])
 
 
-def on_every_rank(rank, world, cases):
+def on_every_rank(rank, world, cases, shared_memory=False):
     """Everything the gloo tests check, in one spawn to pay the start-up once."""
     group = dist.group.WORLD
+    if shared_memory:
+        assert enable_shared_memory_all_reduce(group)
     out = {"equivalence": [], "counts": {}}
     for cfg, state, x, mask, grad_out in cases:
         mha = MultiHeadAttention(**cfg, tp_group=group)
@@ -61,18 +64,20 @@ def dropout_reference():
     return ref.state_dict(), ref(torch.ones(2, 8, 32)).detach()
 
 
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shm"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_attention_on_gloo(world):
+def test_attention_on_gloo(world, shared_memory):
     references = [reference_case(CFG, "key_padding_bool"), reference_case(GQA, "additive")]
     cases = [(cfg, ref.state_dict(), x, mask, g) for cfg, (ref, x, mask, g) in zip([CFG, GQA], references, strict=True)]
-    results = run_gloo(world, on_every_rank, cases)
+    results = run_gloo(world, on_every_rank, cases, shared_memory)
 
     for i, (ref, x, mask, grad_out) in enumerate(references):
         check_against_reference([r["equivalence"][i] for r in results], ref, x, mask, grad_out)
 
     for r in results:  # one all-reduce forward (g), one backward (f); replicated KV heads add one per K, V
-        assert r["counts"]["mha"] == ({"allreduce_": 1}, {"allreduce_": 1})
-        assert r["counts"]["mqa"] == ({"allreduce_": 1}, {"allreduce_": 3})
+        expected = ({}, {}) if shared_memory else ({"allreduce_": 1}, {"allreduce_": 1})  # shm: no c10d calls
+        assert r["counts"]["mha"] == expected
+        assert r["counts"]["mqa"] == (({}, {}) if shared_memory else ({"allreduce_": 1}, {"allreduce_": 3}))
 
     state, y_ref = dropout_reference()
     for r in results:

@@ -11,12 +11,15 @@ from tests.test_attention_gloo import count_collectives
 from tests.test_model import CASES, FP32_TOL, check, logits_loss_grads, reference
 from tp_attention import full_grads, load_full_state_dict
 from tp_attention.model import GPT
+from tp_attention.shm import enable_shared_memory_all_reduce
 
 DROPOUT = dict(CASES["vocab65"], dropout=0.3)
 
 
-def on_every_rank(rank, world, cases):
+def on_every_rank(rank, world, cases, shared_memory=False):
     group = dist.group.WORLD
+    if shared_memory:
+        assert enable_shared_memory_all_reduce(group)
     out = {"equivalence": []}
     for cfg, state, idx, targets in cases:
         model = GPT(**cfg, tp_group=group)
@@ -47,12 +50,13 @@ def dropout_reference(idx, targets):
     return loss.detach(), full_grads(model), model
 
 
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shm"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_gpt_on_gloo(world):
+def test_gpt_on_gloo(world, shared_memory):
     refs = [reference(CASES["vocab65"]), reference(CASES["gqa"])]
     cases = [(cfg, ref.state_dict(), idx, targets)
              for cfg, (ref, idx, targets) in zip([CASES["vocab65"], CASES["gqa"]], refs, strict=True)]
-    results = run_gloo(world, on_every_rank, cases)
+    results = run_gloo(world, on_every_rank, cases, shared_memory)
 
     for i, (ref, idx, targets) in enumerate(refs):
         check([r["equivalence"][i] for r in results], ref, idx, targets)
@@ -60,6 +64,9 @@ def test_gpt_on_gloo(world):
     layers = CASES["vocab65"]["num_layers"]
     for r in results:
         forward, backward, inference = r["counts"]
+        if shared_memory:  # every all-reduce went through shared memory: no c10d all-reduce at all
+            assert (forward, backward, inference) == ({}, {}, {"allgather_": 1})
+            continue
         assert forward == {"allreduce_": 1 + 2 * layers + 2}  # embedding, 2 per block, loss max + sums
         assert backward == {"allreduce_": 2 * layers + 1}  # 2 per block, LM-head input
         assert inference == {"allreduce_": 1 + 2 * layers, "allgather_": 1}  # + gather of the logits

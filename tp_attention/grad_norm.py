@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from tp_attention.distributed import ProcessGroup, tp_size
+from tp_attention.mappings import all_reduce_in_place
 from tp_attention.state_dict import sharded_parameters
 
 
@@ -28,9 +28,7 @@ def grad_norm(model: nn.Module, tp_group: ProcessGroup | None = None) -> torch.T
         total = sq if total is None else total + sq
     if total is None:
         return torch.zeros(())
-    if tp > 1:
-        dist.all_reduce(total, group=tp_group)
-    return total.sqrt()
+    return all_reduce_in_place(total, tp_group).sqrt()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: ProcessGroup | None = None) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
-from tp_attention.mappings import gather_from_tp, reduce_from_tp, scatter_to_tp
+from tp_attention.mappings import all_reduce_in_place, gather_from_tp, reduce_from_tp, scatter_to_tp
+from tp_attention.shm import communicator_for
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class _SumGradOverReplicas(torch.autograd.Function):
         index = ctx.spec.index(tp_rank(ctx.group), tp_size(ctx.group))
         buffer = flat.new_zeros(ctx.spec.num_shards, flat.numel())
         buffer[index] = flat
-        dist.all_reduce(buffer, group=ctx.group)
+        all_reduce_in_place(buffer, ctx.group)
         summed = buffer[index].split([g.numel() for g in grads])
         return (None, None, *(s.view_as(g) for s, g in zip(summed, grads, strict=True)))
 
@@ -121,15 +122,16 @@ class _CopyToTPLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy = dy.to(weight.dtype)
-        dx, handle = None, None
-        if ctx.needs_input_grad[0]:
-            dx = dy @ weight  # (*, in)
-            handle = dist.all_reduce(dx, group=ctx.group, async_op=True)
+        dx = dy @ weight if ctx.needs_input_grad[0] else None  # (*, in)
+        shared = dx is not None and communicator_for(ctx.group, dx) is not None  # no need to overlap
+        handle = dist.all_reduce(dx, group=ctx.group, async_op=True) if dx is not None and not shared else None
         dy2d = dy.reshape(-1, dy.size(-1))
         dw = dy2d.t() @ x.reshape(-1, x.size(-1))  # (out, in): computed while dx travels
         db = dy2d.sum(0) if ctx.has_bias else None
         if handle is not None:
             handle.wait()
+        elif shared:
+            all_reduce_in_place(dx, ctx.group)
         return dx, dw, db, None
 
 

@@ -18,12 +18,20 @@ import torch
 import torch.distributed as dist
 
 from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
+from tp_attention.shm import communicator_for
 
 
-def _all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """Sum `x` over `group` in place and return it."""
+def all_reduce_in_place(
+    x: torch.Tensor, group: ProcessGroup | None, op: dist.ReduceOp = dist.ReduceOp.SUM
+) -> torch.Tensor:
+    """Reduce `x` over `group` in place and return it: through shared memory where enabled for the
+    group (see `tp_attention.shm`), else the process group's own all-reduce."""
     if tp_size(group) > 1:
-        dist.all_reduce(x, group=group)
+        communicator = communicator_for(group, x)
+        if communicator is not None:
+            communicator.all_reduce(x, op)
+        else:
+            dist.all_reduce(x, op=op, group=group)
     return x
 
 
@@ -60,7 +68,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> to
     try:
         dist.reduce_scatter(out, chunks, group=group)
     except (RuntimeError, NotImplementedError):  # backends without reduce_scatter
-        out = _all_reduce(x.clone(), group).chunk(n, dim=dim)[tp_rank(group)].contiguous()
+        out = all_reduce_in_place(x.clone(), group).chunk(n, dim=dim)[tp_rank(group)].contiguous()
     return out
 
 
@@ -72,14 +80,14 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+        return all_reduce_in_place(grad.clone(), ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.mark_dirty(x)
-        return _all_reduce(x, group)
+        return all_reduce_in_place(x, group)
 
     @staticmethod
     def backward(ctx, grad):

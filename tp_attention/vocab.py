@@ -14,7 +14,7 @@ from torch import nn
 
 from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
 from tp_attention.layers import ShardSpec, column_parallel_linear
-from tp_attention.mappings import gather_from_tp, reduce_from_tp
+from tp_attention.mappings import all_reduce_in_place, gather_from_tp, reduce_from_tp
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -77,9 +77,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ctx.dtype = logits.dtype
         logits = logits.float()  # (N, V_local)
         local_vocab = logits.size(-1)
-        row_max = logits.max(dim=-1).values
-        if tp_size(group) > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        row_max = all_reduce_in_place(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
         shifted = logits - row_max[:, None]
         valid = target != ignore_index
         local_target = target - vocab_start
@@ -87,9 +85,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = local_target.clamp(0, local_vocab - 1)
         target_logit = torch.where(here, shifted.gather(-1, local_target[:, None]).squeeze(-1), 0.0)  # pad: -inf
         exp = shifted.exp()
-        stats = torch.stack([exp.sum(dim=-1), target_logit])  # (2, N): one all-reduce for both
-        if tp_size(group) > 1:
-            dist.all_reduce(stats, group=group)
+        stats = all_reduce_in_place(torch.stack([exp.sum(dim=-1), target_logit]), group)  # (2, N): one for both
         loss = (stats[0].log() - stats[1]) * valid
         ctx.save_for_backward(exp.div_(stats[0][:, None]), local_target, here, valid)
         return loss

@@ -71,6 +71,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # reserved
     device: str = "auto"  # auto | cpu | cuda
     timeout_s: float = 600.0
+    shm_all_reduce: bool = True  # CPU: TP all-reduces through shared memory when the group shares a host
 
 
 @dataclass
