@@ -11,6 +11,9 @@ Every configuration runs in a fresh process (or torchrun job), side by side in t
   dtensor    the same model parallelized with torch.distributed.tensor.parallel, tp=N, one thread per rank
 MFU = model FLOPs (nanoGPT's 6N + 12LHDT per token) / step time / the machine's measured matmul peak
 (all cores, same dtype). Results: bench/results/latest.json and latest.md.
+
+On a machine with CUDA GPUs the same runs on GPU: NCCL for tp > 1 across the GPUs there are, and on a
+single GPU the one-process rows, including GPT-2 124M's MFU against the measured bf16/fp32 matmul peak.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def run_worker(variant: str, shape: str, dtype: str, ranks: int, args: argparse.
         else:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                        *worker]
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+            if not torch.cuda.is_available():
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
         subprocess.run(command, env=env, check=True, capture_output=True, text=True)
         return json.loads(out.read_text())
 
@@ -72,27 +76,29 @@ def ratios(rows: list[dict], tp: int) -> list[dict]:
         for dtype in dict.fromkeys(r["dtype"] for r in rows):
             by = {(r["variant"], r["ranks"]): r["step_median_s"] for r in rows if (r["shape"], r["dtype"]) == (shape,
                                                                                                           dtype)}
-            if not by:
+            if ("ours", tp) not in by:
                 continue
-            values = [by[("ours", tp)] / by[("dtensor", tp)], by[("ours", tp)] / by[("plain", 1)],
-                      by[("ours", 1)] / by[("plain", 1)], by[("ours_gloo", tp)] / by[("dtensor", tp)],
-                      by[("ours_gloo", tp)] / by[("plain", 1)]]
-            for name, value in zip(TARGETS, values, strict=True):
-                target = TARGETS[name][dtype]
-                out.append({"shape": shape, "dtype": dtype, "ratio": name.format(tp=tp), "value": value,
-                            "target": target, "met": value <= target})
+            values = {"ours tp{tp} / dtensor tp{tp}": ("ours", tp, "dtensor", tp),
+                      "ours tp{tp} / ideal": ("ours", tp, "plain", 1), "ours tp1 / plain": ("ours", 1, "plain", 1),
+                      "ours_gloo tp{tp} / dtensor tp{tp}": ("ours_gloo", tp, "dtensor", tp),
+                      "ours_gloo tp{tp} / ideal": ("ours_gloo", tp, "plain", 1)}
+            for name, (a, ranks_a, b, ranks_b) in values.items():
+                if (a, ranks_a) in by and (b, ranks_b) in by:
+                    value, target = by[(a, ranks_a)] / by[(b, ranks_b)], TARGETS[name][dtype]
+                    out.append({"shape": shape, "dtype": dtype, "ratio": name.format(tp=tp), "value": value,
+                                "target": target, "met": value <= target})
     return out
 
 
 def markdown(result: dict) -> str:
     lines = [f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}",
              "", "| shape | dtype | variant | ranks x threads | median s | min s | tokens/s | GFLOP/s | MFU "
-             "| peak RSS/rank MiB | collectives/step | MB/step |", "|" + "---|" * 12]
+             "| peak mem/rank MiB | collectives/step | MB/step |", "|" + "---|" * 12]
     for r in result["rows"]:
         calls = ", ".join(f"{n} {c}" for n, c in sorted(r["collectives_per_step"].items())) or "-"
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['variant']} | {r['ranks']} x {r['threads']} "
                      f"| {r['step_median_s']:.3f} | {r['step_min_s']:.3f} | {r['tokens_per_s']:,.0f} "
-                     f"| {r['gflops']:.1f} | {r['mfu']:.1%} | {r['peak_rss_mib']:.0f} | {calls} "
+                     f"| {r['gflops']:.1f} | {r['mfu']:.1%} | {r['peak_mem_mib']:.0f} | {calls} "
                      f"| {r['collective_bytes_per_step'] / 1e6:.1f} |")
     lines += ["", "| shape | dtype | ratio (step time) | value | target | met |", "|---|---|---|---|---|---|"]
     for r in result["ratios"]:
@@ -112,15 +118,18 @@ def main() -> None:
     args = parser.parse_args()
 
     cores = os.cpu_count() or 1
-    tps = [tp for tp in (2, 4) if tp <= cores]
-    shapes = ["small"] if args.quick else list(SHAPES)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    units = torch.cuda.device_count() if device == "cuda" else cores
+    tps = [tp for tp in (2, 4, 8) if tp <= units and (device == "cuda" or tp <= 4)]
+    shapes = ["small"] if args.quick else [s for s in SHAPES if device == "cuda" or s != "gpt2"]
     dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
     jobs = [(variant, shape, dtype, ranks) for shape in shapes for dtype in dtypes
             for variant, ranks in [("plain", 1), ("ours", 1),
-                                   *[(v, tp) for tp in tps for v in ("ours", "ours_gloo", "dtensor")]]]
+                                   *[(v, tp) for tp in tps for v in ("ours", "ours_gloo", "dtensor")
+                                     if device == "cpu" or v != "ours_gloo"]]]
     torch.set_num_threads(cores)
-    peak = {d: measure_peak_flops("cpu", torch.float32 if d == "fp32" else torch.bfloat16, size=2048, seconds=2.0)
-            for d in dtypes}
+    peak = {d: measure_peak_flops(device, torch.float32 if d == "fp32" else torch.bfloat16,
+                                  size=2048 if device == "cpu" else 8192, seconds=2.0) for d in dtypes}
     rows = []
     for variant, shape, dtype, ranks in tqdm(jobs, desc="bench", unit="config"):
         row = run_worker(variant, shape, dtype, ranks, args)
@@ -130,8 +139,10 @@ def main() -> None:
         rows.append(row)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    accelerator = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, nccl" if device == "cuda"
+                   else "gloo")
     result = {"command": "python -m bench" + (" --quick" if args.quick else ""),
-              "machine": f"{cpu}, {cores} cores, torch {torch.__version__}, gloo",
+              "machine": f"{cpu}, {cores} cores, torch {torch.__version__}, {accelerator}",
               "date": datetime.date.today().isoformat(), "peak_flops": peak, "rows": rows,
               "ratios": [r for tp in tps for r in ratios(rows, tp)]}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 -m bench.worker --variant dtensor ...
 
 A step is forward, loss, backward and AdamW on the same random tokens for every variant. Step time
-is the slowest rank's. Collectives are counted (calls and bytes) over one extra step.
+is the slowest rank's. Collectives are counted (calls and bytes) over one extra step. Peak memory is
+the process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tp_attention.shm import communicator_for, enable_shared_memory_all_reduce
 SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
     "medium": (8, 8, 512, 256, 4),
+    "gpt2": (12, 12, 768, 1024, 8),  # GPT-2 124M (GPU only)
 }
 VOCAB = 256
 COLLECTIVES = ("allreduce", "allgather", "reducescatter", "broadcast", "alltoall")
@@ -71,21 +73,25 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    groups = init_parallel_groups(tp=world, device_type="cpu") if world > 1 else None
+    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if args.device == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    groups = init_parallel_groups(tp=world, device_type=device.type) if world > 1 else None
     tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
-    if args.variant == "ours":  # same-host TP all-reduces through shared memory; "ours_gloo" keeps gloo's
+    if args.variant == "ours" and device.type == "cpu":  # same-host TP all-reduces in shared memory
         enable_shared_memory_all_reduce(tp_group)
-    model = build(args.variant, args.shape, tp_group, mesh)
+    model = build(args.variant, args.shape, tp_group, mesh).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     _, _, _, seq, batch = SHAPES[args.shape]
     gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, VOCAB, (batch, seq), generator=gen)
-    y = torch.randint(0, VOCAB, (batch, seq), generator=gen)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    x = torch.randint(0, VOCAB, (batch, seq), generator=gen).to(device)
+    y = torch.randint(0, VOCAB, (batch, seq), generator=gen).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
     def step() -> float:
         with autocast:
@@ -93,7 +99,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()  # also waits for the device
 
     times = []
     for _ in range(args.warmup + args.steps):
@@ -102,7 +108,7 @@ def main() -> None:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    times = torch.tensor(times[args.warmup:])
+    times = torch.tensor(times[args.warmup:], device=device)
     if world > 1:  # the step ends when the slowest rank ends
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
     counter = CollectiveCounter()
@@ -117,7 +123,8 @@ def main() -> None:
         "variant": args.variant, "shape": args.shape, "dtype": args.dtype, "ranks": world,
         "threads": torch.get_num_threads(), "step_median_s": statistics.median(times.tolist()),
         "step_min_s": min(times.tolist()), "tokens_per_step": batch * seq,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mem_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
         "collectives_per_step": dict(counter.calls), "collective_bytes_per_step": counter.bytes,
     }
     if world == 1 or dist.get_rank() == 0:

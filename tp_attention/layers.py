@@ -263,6 +263,8 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(full_bias) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tp_size(self.tp_group) == 1:
+            return F.linear(x, self.weight, self.bias)  # one fused GEMM + bias: exactly nn.Linear
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
         y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)  # (*, out), summed over ranks
