@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tp=2 needs two cores")
 def test_quick_benchmark_writes_results(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench", "--quick", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)],
+    subprocess.run([sys.executable, "-m", "bench", "--quick", "--steps", "1", "--warmup", "0", "--rounds", "1",
+                    "--out", str(tmp_path)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     result = json.loads((tmp_path / "latest.json").read_text())
     variants = {(r["variant"], r["ranks"]) for r in result["rows"]}
