@@ -19,14 +19,13 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import ProjectConfiguration
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -257,7 +256,6 @@ def _run(cfg: DictConfig, phase: dict[str, str]) -> dict[str, Any]:
     accelerator = Accelerator(
         cpu=device_type == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
         log_with="tensorboard", project_config=ProjectConfiguration(str(hydra_dir), str(hydra_dir / "tensorboard")),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=p.timeout_s))],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     mesh, tp_group = (groups.mesh, groups.tp_group) if groups else (None, None)
