@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from tp_attention.model import GPTConfig
+
 
 class ConfigError(ValueError):
     """An invalid configuration: the message names the value and the rule."""
@@ -24,18 +26,14 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class ModelConfig:
-    vocab_size: int | None = None  # None: the tokenizer's vocabulary
-    max_seq_len: int = 128
-    emb_size: int = 128
-    num_heads: int = 4
-    head_size: int = 32
-    num_layers: int = 4
+class ModelConfig(GPTConfig):
+    """GPTConfig's fields, with the vocabulary taken from the tokenizer unless set."""
+
+    vocab_size: int | None = None
     dropout: float = 0.0
-    num_kv_heads: int | None = None
-    bias: bool = True
-    tie_embeddings: bool = True
-    ffn_mult: int = 4
+
+    def __post_init__(self) -> None:
+        """Checked by `validate` (with the rest of the config) instead: vocab_size may still be open."""
 
 
 @dataclass
