@@ -9,8 +9,10 @@ median of a configuration's passes is reported:
   plain      nanoGPT-style model, no TP code, one process using all cores  (the "ideal")
   ours       tp_attention.GPT at tp=1, one process using all cores
   ours       tp_attention.GPT at tp=N under torchrun, one thread per rank, all-reduces in shared memory
-  ours_gloo  the same with every all-reduce through gloo
+  ours_sp    the same with sequence parallelism (LayerNorm, dropout, residual on T / tp tokens)
+  ours_gloo  the same as ours with every all-reduce through gloo
   dtensor    the same model parallelized with torch.distributed.tensor.parallel, tp=N, one thread per rank
+Activations/rank: bytes of the tensors autograd saves during one forward (parameters excluded).
 MFU = model FLOPs (nanoGPT's 6N + 12LHDT per token) / step time / the machine's measured matmul peak
 (all cores, same dtype). Results: bench/results/latest.json and latest.md.
 
@@ -61,7 +63,9 @@ def run_worker(variant: str, shape: str, dtype: str, ranks: int, args: argparse.
                        *worker]
             if not torch.cuda.is_available():
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
-        subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 
@@ -95,13 +99,13 @@ def ratios(rows: list[dict], tp: int) -> list[dict]:
 def markdown(result: dict) -> str:
     lines = [f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}",
              "", "| shape | dtype | variant | ranks x threads | median s | min s | tokens/s | GFLOP/s | MFU "
-             "| peak mem/rank MiB | collectives/step | MB/step |", "|" + "---|" * 12]
+             "| peak mem/rank MiB | activations/rank MiB | collectives/step | MB/step |", "|" + "---|" * 13]
     for r in result["rows"]:
         calls = ", ".join(f"{n} {c}" for n, c in sorted(r["collectives_per_step"].items())) or "-"
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['variant']} | {r['ranks']} x {r['threads']} "
                      f"| {r['step_median_s']:.3f} | {r['step_min_s']:.3f} | {r['tokens_per_s']:,.0f} "
-                     f"| {r['gflops']:.1f} | {r['mfu']:.1%} | {r['peak_mem_mib']:.0f} | {calls} "
-                     f"| {r['collective_bytes_per_step'] / 1e6:.1f} |")
+                     f"| {r['gflops']:.1f} | {r['mfu']:.1%} | {r['peak_mem_mib']:.0f} | {r['activation_mib']:.0f} "
+                     f"| {calls} | {r['collective_bytes_per_step'] / 1e6:.1f} |")
     lines += ["", "| shape | dtype | ratio (step time) | value | target | met |", "|---|---|---|---|---|---|"]
     for r in result["ratios"]:
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['ratio']} | {r['value']:.2f} | <= {r['target']:.2f} "
@@ -128,7 +132,7 @@ def main() -> None:
     dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
     jobs = [(variant, shape, dtype, ranks) for shape in shapes for dtype in dtypes
             for variant, ranks in [("plain", 1), ("ours", 1),
-                                   *[(v, tp) for tp in tps for v in ("ours", "ours_gloo", "dtensor")
+                                   *[(v, tp) for tp in tps for v in ("ours", "ours_sp", "ours_gloo", "dtensor")
                                      if device == "cpu" or v != "ours_gloo"]]]
     torch.set_num_threads(cores)
     peak = {d: measure_peak_flops(device, torch.float32 if d == "fp32" else torch.bfloat16,

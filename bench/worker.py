@@ -17,7 +17,7 @@ import resource
 import statistics
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from bench.nanogpt import NanoGPT, parallelize_with_dtensor
 from tp_attention.distributed import init_parallel_groups
+from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
 from tp_attention.shm import communicator_for, enable_shared_memory_all_reduce
 
@@ -58,7 +59,7 @@ class CollectiveCounter(TorchDispatchMode):
 def build(variant: str, shape: str, tp_group, mesh) -> torch.nn.Module:
     layers, heads, width, seq, _ = SHAPES[shape]
     torch.manual_seed(0)
-    if variant in ("ours", "ours_gloo"):
+    if variant in ("ours", "ours_sp", "ours_gloo"):
         cfg = GPTConfig(vocab_size=VOCAB, max_seq_len=seq, emb_size=width, num_heads=heads, head_size=width // heads,
                         num_layers=layers, dropout=0.0)
         return GPT.from_config(cfg, tp_group=tp_group)
@@ -68,7 +69,7 @@ def build(variant: str, shape: str, tp_group, mesh) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", choices=["ours", "ours_gloo", "plain", "dtensor"], required=True)
+    parser.add_argument("--variant", choices=["ours", "ours_sp", "ours_gloo", "plain", "dtensor"], required=True)
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--warmup", type=int, default=2)
@@ -83,9 +84,12 @@ def main() -> None:
         torch.cuda.set_device(device)
     groups = init_parallel_groups(tp=world, device_type=device.type) if world > 1 else None
     tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
-    if args.variant == "ours" and device.type == "cpu":  # same-host TP all-reduces in shared memory
+    if args.variant in ("ours", "ours_sp") and device.type == "cpu":  # same-host TP all-reduces in shared memory
         enable_shared_memory_all_reduce(tp_group)
     model = build(args.variant, args.shape, tp_group, mesh).to(device)
+    sequence_parallel = args.variant == "ours_sp"
+    if sequence_parallel:
+        model.sequence_parallel = True
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     _, _, _, seq, batch = SHAPES[args.shape]
     gen = torch.Generator().manual_seed(1)
@@ -97,6 +101,8 @@ def main() -> None:
         with autocast:
             loss = model(x, y)
         loss.backward()
+        if sequence_parallel:
+            sync_replicated_grads(model, tp_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()  # also waits for the device
@@ -111,6 +117,18 @@ def main() -> None:
     times = torch.tensor(times[args.warmup:], device=device)
     if world > 1:  # the step ends when the slowest rank ends
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    saved: dict[int, int] = {}  # activation memory: bytes of the tensors autograd saves in one forward
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        local = getattr(t, "_local_tensor", t)  # a DTensor's own piece
+        with suppress(RuntimeError):  # a wrapper without storage of its own: its local piece is saved too
+            saved[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(x, y)
+    params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
+    activation_mib = sum(n for ptr, n in saved.items() if ptr not in params) / 2**20
     counter = CollectiveCounter()
     shm = communicator_for(tp_group, torch.ones(1))
     shm_before = (shm.calls, shm.bytes) if shm else (0, 0)
@@ -121,7 +139,8 @@ def main() -> None:
         counter.bytes += shm.bytes - shm_before[1]
     result = {
         "variant": args.variant, "shape": args.shape, "dtype": args.dtype, "ranks": world,
-        "threads": torch.get_num_threads(), "step_median_s": statistics.median(times.tolist()),
+        "threads": torch.get_num_threads(), "device": device.type, "activation_mib": activation_mib,
+        "step_median_s": statistics.median(times.tolist()),
         "step_min_s": min(times.tolist()), "tokens_per_step": batch * seq,
         "peak_mem_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from tests.harness import assert_rel_close, run_gloo, run_threaded
 from tp_attention import full_grads, full_state_dict, load_full_state_dict
+from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -318,3 +319,37 @@ def test_autocast_bf16_sharded_matches_unsharded():
         for name in grads:
             assert r_grads[name].dtype == torch.float32
             assert_rel_close(r_grads[name], grads[name], BF16_TOL, f"autocast grad of {name}")
+
+
+def sequence_parallel_run(rank, world, cfg, state, idx, targets):
+    model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator())
+    load_full_state_dict(model, state)
+    model.sequence_parallel = True
+    logits = model(idx).detach()
+    loss = model(idx, targets)
+    loss.backward()
+    sync_replicated_grads(model, dist.group.WORLD)
+    return logits, loss.detach(), full_grads(model)
+
+
+@pytest.mark.parametrize("case", ["vocab65", "gqa", "mqa-untied-nobias"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_equals_unsharded(case, tp):
+    cfg = CASES[case]
+    ref, idx, targets = reference(cfg, seq=12)
+    check(run_threaded(tp, sequence_parallel_run, cfg, ref.state_dict(), idx, targets), ref, idx, targets)
+
+
+def test_sequence_parallel_refuses_a_length_tp_does_not_divide_and_generates_without_it():
+    def run(rank, world):
+        model = GPT(**CASES["base"], tp_group=dist.group.WORLD, generator=torch.Generator().manual_seed(0))
+        model.sequence_parallel = True
+        with pytest.raises(ValueError, match="seq_len = 7 must be divisible by tp_size = 2"):
+            model(torch.zeros(1, 7, dtype=torch.long))
+        out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5)
+        assert model.sequence_parallel
+        return out
+
+    results = run_threaded(2, run)
+    plain = GPT(**CASES["base"], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(results[0], plain.generate(torch.zeros(1, 3, dtype=torch.long), 5))

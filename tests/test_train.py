@@ -61,7 +61,8 @@ def test_default_config_composes_and_is_valid():
     (["data=text"], 1, r"data.path must name a file or directory"),
     (["data=hf"], 1, r"data.hf_name must name a dataset"),
     (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], 1, r"data.bpe_vocab_size = 200 must exceed 256"),
-    (["parallel.sequence_parallel=true"], 1, r"sequence_parallel = true is reserved"),
+    (["parallel.sequence_parallel=true", "parallel.tp=2", "trainer.seq_len=31"], 2,
+     r"trainer.seq_len = 31 must be divisible by parallel.tp = 2 with parallel.sequence_parallel = true"),
 ])
 def test_bad_configs_fail_with_their_rule(overrides, world, message):
     with pytest.raises(ConfigError, match=message):
@@ -150,10 +151,12 @@ def test_single_process_run_writes_every_output(workdir, single):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
 
 
-@pytest.mark.parametrize("layout", ["dp1_tp2", "dp2_tp1", "ga2"])
+@pytest.mark.parametrize("layout", ["dp1_tp2", "dp1_tp2_sp", "dp2_tp1", "ga2"])
 def test_layouts_agree_with_the_single_process_run(workdir, single, layout):
     overrides, nproc = {
         "dp1_tp2": (["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2"], 2),
+        "dp1_tp2_sp": (["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2",
+                        "parallel.sequence_parallel=true"], 2),
         "dp2_tp1": (["trainer.max_steps=10", "trainer.micro_batch=4", "parallel.tp=1"], 2),
         "ga2": (["trainer.max_steps=10", "trainer.micro_batch=4", "trainer.grad_accum=2"], 1),
     }[layout]

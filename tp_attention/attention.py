@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
-from tp_attention.layers import ColumnParallelLinear, RowParallelLinear, column_parallel_linear
+from tp_attention.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    SequenceParallelDropout,
+    column_parallel_linear,
+)
 from tp_attention.mappings import gather_from_tp
 
 MASK_HELP = (
@@ -206,7 +211,8 @@ class MultiHeadAttention(nn.Module):
             num_heads * head_size, emb_size, bias=bias, tp_group=tp_group, input_is_parallel=True,
             init_std=out_init_std if out_init_std is not None else init_std, generator=generator,
         )
-        self._dropout = nn.Dropout(dropout)
+        self._dropout = SequenceParallelDropout(dropout, tp_group)
+        self.sequence_parallel = False  # x holds this rank's tokens [B, T / tp, E]; set by GPT
 
     @property
     def _heads(self) -> tuple[HeadView, ...]:
@@ -219,11 +225,11 @@ class MultiHeadAttention(nn.Module):
         Q, K and V are one GEMM over their concatenated local weights, with f fused in: one
         all-reduce of dx in backward, overlapped with the weight-gradient matmul.
         """
-        batch, seq_len, _ = x.shape
         (wq, bq), (wk, bk), (wv, bv) = self._q.params(), self._k.params(), self._v.params()
         weight = torch.cat([wq, wk, wv])  # (H_local*D + 2*KV_local*D, E)
         bias = None if bq is None else torch.cat([bq, bk, bv])
-        qkv = column_parallel_linear(x, weight, bias, self.tp_group)
+        qkv = column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)  # all T tokens
+        batch, seq_len, _ = qkv.shape
         q, k, v = qkv.split([wq.size(0), wk.size(0), wv.size(0)], dim=-1)
         q = q.view(batch, seq_len, self.local_heads, self.head_size)
         k = k.view(batch, seq_len, self.local_kv_heads, self.head_size)
@@ -267,8 +273,12 @@ class MultiHeadAttention(nn.Module):
         A query row whose every key is masked attends to nothing: its head output is zero.
         """
         check_input(x, self.emb_size, self.max_seq_len, self._q.weight)
-        batch, seq_len, _ = x.shape
-        q, k, v = self._project(x)  # (B, H_local, T, D), (B, KV_local, T, D) x2
+        sequence_parallel = self.sequence_parallel and tp_size(self.tp_group) > 1
+        if sequence_parallel and (kv_cache is not None or x.size(1) * tp_size(self.tp_group) > self.max_seq_len):
+            raise ValueError(f"sequence parallel: {x.size(1)} tokens per rank x tp_size {tp_size(self.tp_group)} "
+                             f"exceed max_seq_len = {self.max_seq_len}, or a KV cache was given (decode without it)")
+        q, k, v = self._project(x)  # (B, H_local, T, D), (B, KV_local, T, D) x2: all tokens
+        batch, _, seq_len, _ = q.shape
         if kv_cache is not None:
             if kv_cache.length + seq_len > self.max_seq_len:
                 raise ValueError(f"{kv_cache.length} cached + {seq_len} new tokens exceed max_seq_len = "
@@ -285,7 +295,7 @@ class MultiHeadAttention(nn.Module):
             if has_key is not None:
                 y = y * has_key  # rows with no key attend to nothing
         y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_size)  # (B, T, H_local*D)
-        return self._dropout(self._layer(y))  # row-parallel: g all-reduces, bias added once
+        return self._dropout(self._layer(y))  # row-parallel: g all-reduces (or reduce-scatters), bias once
 
     def get_attention_weights(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, gather: bool = False

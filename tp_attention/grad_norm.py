@@ -39,3 +39,19 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: ProcessGroup | 
         if p.grad is not None:
             p.grad.mul_(scale.to(p.grad.device))
     return norm
+
+
+def sync_replicated_grads(model: nn.Module, tp_group: ProcessGroup | None) -> None:
+    """Sequence parallel: sum the gradients of replicated parameters over the TP group, in one all-reduce.
+
+    With sequence parallelism each rank's LayerNorms, position embedding and row-parallel biases see
+    only its own tokens, so their gradients are partial sums. Call after backward, before clipping.
+    """
+    if tp_size(tp_group) == 1:
+        return
+    specs = sharded_parameters(model)
+    grads = [p.grad for n, p in model.named_parameters() if n not in specs and p.grad is not None]
+    if grads:
+        flat = all_reduce_in_place(torch.cat([g.reshape(-1) for g in grads]), tp_group)
+        for g, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(summed.view_as(g))

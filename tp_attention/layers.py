@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
-from tp_attention.mappings import all_reduce_in_place, gather_from_tp, reduce_from_tp, scatter_to_tp
+from tp_attention.mappings import (
+    all_reduce_in_place,
+    gather_from_sp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+)
 from tp_attention.shm import communicator_for
 
 
@@ -136,12 +143,38 @@ class _CopyToTPLinear(torch.autograd.Function):
 
 
 def column_parallel_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup | None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
-    """`copy_to_tp` then `F.linear`, with the backward all-reduce of dx overlapped with dW's matmul."""
+    """`copy_to_tp` then `F.linear`, with the backward all-reduce of dx overlapped with dW's matmul.
+
+    With `sequence_parallel`, `x` holds this rank's tokens `[B, T / tp, in]`: they are all-gathered
+    first (backward: reduce-scatter of dx, which also does f's sum).
+    """
     if tp_size(group) == 1:
         return F.linear(x, weight, bias)
+    if sequence_parallel:
+        return F.linear(gather_from_sp(x, group), weight, bias)  # (B, T, out / tp)
     return _CopyToTPLinear.apply(x, weight, bias, group)
+
+
+class SequenceParallelDropout(nn.Dropout):
+    """nn.Dropout on an activation replicated over the TP group; under sequence parallelism (this
+    rank holds tokens `[B, T / tp, E]`) it draws the full-size mask from the RNG, which TP ranks keep
+    in step, and keeps its own slice, so the ranks' masks tile one full mask."""
+
+    def __init__(self, p: float, tp_group: ProcessGroup | None = None) -> None:
+        super().__init__(p)
+        self.tp_group, self.sequence_parallel = tp_group, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tp = tp_size(self.tp_group)
+        if not (self.sequence_parallel and self.training and self.p > 0 and tp > 1):
+            return super().forward(x)
+        full = list(x.shape)
+        full[1] *= tp
+        keep = torch.empty(full, device=x.device).bernoulli_(1 - self.p).chunk(tp, dim=1)[tp_rank(self.tp_group)]
+        return x * keep.to(x.dtype) / (1 - self.p)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -192,6 +225,7 @@ class ColumnParallelLinear(nn.Module):
                              f" = {num_shards} (tp_size = {tp})")
         self.in_features, self.out_features = in_features, out_features
         self.tp_group, self.gather_output, self.copy_input = tp_group, gather_output, copy_input
+        self.sequence_parallel = False  # input holds this rank's tokens; see column_parallel_linear
         spec = ShardSpec(dim=0, num_shards=num_shards)
         self.tp_shards = {"weight": spec, "bias": spec}
         weight, full_bias = init_full_weight(out_features, in_features, init_std, generator)
@@ -211,7 +245,10 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.params()
         # f fused in when copy_input: dx's all-reduce overlaps dW's matmul
-        y = column_parallel_linear(x, weight, bias, self.tp_group) if self.copy_input else F.linear(x, weight, bias)
+        if self.copy_input:
+            y = column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)
+        else:
+            y = F.linear(x, weight, bias)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -256,6 +293,7 @@ class RowParallelLinear(nn.Module):
         divide(in_features, tp, "in_features")
         self.in_features, self.out_features = in_features, out_features
         self.tp_group, self.input_is_parallel = tp_group, input_is_parallel
+        self.sequence_parallel = False  # reduce-scatter the output over tokens instead of all-reducing it
         spec = ShardSpec(dim=1, num_shards=tp)
         self.tp_shards = {"weight": spec}
         weight, full_bias = init_full_weight(out_features, in_features, init_std, generator)
@@ -267,7 +305,8 @@ class RowParallelLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)  # one fused GEMM + bias: exactly nn.Linear
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
-        y = reduce_from_tp(F.linear(x, self.weight), self.tp_group)  # (*, out), summed over ranks
+        y = F.linear(x, self.weight)  # (B, T, out): this rank's partial sum
+        y = reduce_scatter_to_sp(y, self.tp_group) if self.sequence_parallel else reduce_from_tp(y, self.tp_group)
         return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: bias in y's dtype, as nn.Linear
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.attention import KVCache, MultiHeadAttention
-from tp_attention.distributed import ProcessGroup
-from tp_attention.layers import ColumnParallelLinear, RowParallelLinear
+from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
+from tp_attention.layers import ColumnParallelLinear, RowParallelLinear, SequenceParallelDropout
 from tp_attention.state_dict import full_shapes, full_state_dict, load_full_state_dict
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -81,7 +82,7 @@ class FeedForward(nn.Module):
                                         init_std=INIT_STD, generator=generator)
         self._down = RowParallelLinear(hidden, cfg.emb_size, cfg.bias, tp_group=tp_group, input_is_parallel=True,
                                        init_std=INIT_STD / math.sqrt(2 * cfg.num_layers), generator=generator)
-        self._dropout = nn.Dropout(cfg.dropout)
+        self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = F.gelu(self._up(x))  # (B, T, ffn * E / tp): f before, local after
@@ -142,7 +143,7 @@ class GPT(nn.Module):
                                                         init_std=INIT_STD, generator=generator)
         self._position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.emb_size)
         nn.init.normal_(self._position_embeddings.weight, 0.0, INIT_STD, generator=generator)
-        self._dropout = nn.Dropout(cfg.dropout)
+        self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
         self._decoders = nn.ModuleList(Decoder(cfg, tp_group, generator) for _ in range(cfg.num_layers))
         self._norm = nn.LayerNorm(cfg.emb_size, bias=cfg.bias)
         self._lm_head = None if cfg.tie_embeddings else VocabParallelEmbedding(
@@ -156,6 +157,29 @@ class GPT(nn.Module):
         """Build from a GPTConfig or a mapping of its fields (e.g. a Hydra config)."""
         values = asdict(cfg) if isinstance(cfg, GPTConfig) else dict(cfg)
         return cls(**values, tp_group=tp_group, generator=generator)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Sequence parallelism (Korthikanti et al.): between the TP regions, LayerNorms, dropout and
+        residual adds run on `T / tp` tokens per rank; all-gather enters and reduce-scatter leaves each
+        region. Only meaningful at tp > 1; then call `sync_replicated_grads` after backward.
+        Generation and `attention_maps` run without it."""
+        return self._token_embeddings.sequence_parallel
+
+    @sequence_parallel.setter
+    def sequence_parallel(self, on: bool) -> None:
+        for module in self.modules():
+            if hasattr(module, "sequence_parallel") and module is not self:
+                module.sequence_parallel = on
+
+    @contextmanager
+    def _without_sequence_parallel(self):
+        saved = self.sequence_parallel
+        self.sequence_parallel = False
+        try:
+            yield
+        finally:
+            self.sequence_parallel = saved
 
     @property
     def output_embeddings(self) -> VocabParallelEmbedding:
@@ -181,7 +205,12 @@ class GPT(nn.Module):
         if start + idx.size(1) > self.config.max_seq_len:
             raise ValueError(f"seq_len = {start + idx.size(1)} exceeds max_seq_len = {self.config.max_seq_len}")
         positions = torch.arange(start, start + idx.size(1), device=idx.device)
-        h = self._dropout(self._token_embeddings(idx) + self._position_embeddings(positions))  # (B, T, E)
+        tp = tp_size(self.tp_group)
+        if self.sequence_parallel and tp > 1:  # this rank's tokens from here to the LM head
+            if idx.size(1) % tp != 0:
+                raise ValueError(f"sequence parallel: seq_len = {idx.size(1)} must be divisible by tp_size = {tp}")
+            positions = positions.chunk(tp)[tp_rank(self.tp_group)]
+        h = self._dropout(self._token_embeddings(idx) + self._position_embeddings(positions))  # (B, T[/tp], E)
         for i, block in enumerate(self._decoders):
             h = block(h, None if kv_caches is None else kv_caches[i])
         return self._norm(h)
@@ -209,9 +238,10 @@ class GPT(nn.Module):
         return [KVCache(self.config.max_seq_len) for _ in self._decoders]
 
     def next_token_logits(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Full logits `[B, vocab_size]` of the last position only."""
+        """Full logits `[B, vocab_size]` of the last position only (without sequence parallelism)."""
         head = self.output_embeddings
-        return head.gather_logits(head.logits(self._hidden(idx, kv_caches)[:, -1:]))[:, 0]
+        with self._without_sequence_parallel():
+            return head.gather_logits(head.logits(self._hidden(idx, kv_caches)[:, -1:]))[:, 0]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Continue `idx`; see `tp_attention.generation.generate` for the options."""
@@ -226,9 +256,10 @@ class GPT(nn.Module):
         positions = torch.arange(idx.size(1), device=idx.device)
         h = self._token_embeddings(idx) + self._position_embeddings(positions)
         maps = []
-        for block in self._decoders:
-            maps.append(block._heads.get_attention_weights(block._norm1(h), gather=gather))
-            h = block(h)
+        with self._without_sequence_parallel():
+            for block in self._decoders:
+                maps.append(block._heads.get_attention_weights(block._norm1(h), gather=gather))
+                h = block(h)
         return torch.stack(maps)
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -14,7 +14,7 @@ from torch import nn
 
 from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
 from tp_attention.layers import ShardSpec, column_parallel_linear
-from tp_attention.mappings import all_reduce_in_place, gather_from_tp, reduce_from_tp
+from tp_attention.mappings import all_reduce_in_place, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -41,6 +41,7 @@ class VocabParallelEmbedding(nn.Module):
         self.local_vocab = spec.padded_size(vocab_size) // tp
         self.vocab_start = rank * self.local_vocab
         self.local_real = max(0, min(self.local_vocab, vocab_size - self.vocab_start))  # rows that are not pad
+        self.sequence_parallel = False  # embed: reduce-scatter over tokens; logits: all-gather tokens first
         full = torch.empty(vocab_size, emb_size).normal_(0.0, init_std, generator=generator)
         self.weight = nn.Parameter(spec.slice(full, rank, tp).clone())
 
@@ -49,12 +50,13 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.local_vocab)
-        emb = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, E)
-        return reduce_from_tp(emb.masked_fill(outside[..., None], 0.0), self.tp_group)
+        emb = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)  # (B, T, E)
+        reduce = reduce_scatter_to_sp if self.sequence_parallel else reduce_from_tp
+        return reduce(emb, self.tp_group)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """This rank's logits `[B, T, local_vocab]` for hidden states `h` `[B, T, E]`; pad columns are -inf."""
-        logits = column_parallel_linear(h, self.weight, None, self.tp_group)  # f fused in, overlapped
+        logits = column_parallel_linear(h, self.weight, None, self.tp_group, self.sequence_parallel)  # all tokens
         if self.local_real < self.local_vocab:
             pad = torch.arange(self.local_vocab, device=logits.device) >= self.local_real
             logits = logits.masked_fill(pad, float("-inf"))

@@ -66,7 +66,7 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1  # dp is derived: world_size / tp
-    sequence_parallel: bool = False  # reserved
+    sequence_parallel: bool = False  # LayerNorm/dropout/residual on T / tp tokens per rank
     device: str = "auto"  # auto | cpu | cuda
     timeout_s: float = 600.0
     shm_all_reduce: bool = True  # CPU: TP all-reduces through shared memory when the group shares a host
@@ -174,5 +174,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if (m.ffn_mult * m.emb_size) % p.tp != 0:
         raise ConfigError(f"model.ffn_mult * model.emb_size = {m.ffn_mult * m.emb_size} must be divisible by "
                           f"parallel.tp = {p.tp}")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel = true is reserved and not implemented yet")
+    if p.sequence_parallel and t.seq_len % p.tp != 0:
+        raise ConfigError(f"trainer.seq_len = {t.seq_len} must be divisible by parallel.tp = {p.tp} "
+                          "with parallel.sequence_parallel = true")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.flops import flops_per_token, measure_peak_flops
-from tp_attention.grad_norm import clip_grad_norm_, grad_norm
+from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
 from tp_attention.plots import save_loss_plot
 from tp_attention.shm import enable_shared_memory_all_reduce
@@ -278,6 +278,7 @@ def _run(cfg: DictConfig, phase: dict[str, str]) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)  # the same full weights on every rank, whatever the layout
     model = GPT.from_config(model_cfg, tp_group=tp_group).to(accelerator.device)
+    model.sequence_parallel = p.sequence_parallel
     ddp = DistributedDataParallel(model, process_group=dp_group) if dp_group is not None else model
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
     optimizer = accelerator.prepare(optimizer)
@@ -345,6 +346,8 @@ def _run(cfg: DictConfig, phase: dict[str, str]) -> dict[str, Any]:
                 accelerator.backward(loss)
             loss_sum += loss.detach().float()
         accelerator.unscale_gradients()
+        if p.sequence_parallel:
+            sync_replicated_grads(model, tp_group)  # LayerNorm etc. saw only this rank's tokens
         norm = (clip_grad_norm_(model, o.grad_clip, tp_group) if o.grad_clip > 0 else grad_norm(model, tp_group))
         finite = all_ranks_agree(torch.isfinite(loss_sum) & torch.isfinite(norm))
         if finite or accelerator.scaler is not None:  # fp16: the grad scaler skips and rescales itself
