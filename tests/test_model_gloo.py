@@ -79,3 +79,22 @@ def test_gpt_on_gloo(world, shared_memory):
         assert_rel_close(r["dropout"][0], loss, FP32_TOL, "loss with dropout")
         for name in grads:
             assert_rel_close(r["dropout"][1][name], grads[name], FP32_TOL, f"grad of {name} with dropout")
+
+
+def sequence_parallel_dropout_loss(rank, world, idx, targets):
+    torch.manual_seed(0)
+    model = GPT(**DROPOUT, tp_group=dist.group.WORLD)
+    model.sequence_parallel = True
+    torch.manual_seed(1)  # the same stream on every rank: each keeps its slice of one full mask
+    return model(idx, targets).item()
+
+
+def test_sequence_parallel_dropout_masks_tile_one_full_mask():
+    _, idx, targets = reference(CASES["vocab65"], seq=12)
+    at_tp2 = run_gloo(2, sequence_parallel_dropout_loss, idx, targets)
+    at_tp4 = run_gloo(4, sequence_parallel_dropout_loss, idx, targets)
+    assert len(set(at_tp2)) == 1 and len(set(at_tp4)) == 1, "every TP rank must see the same loss"
+    assert abs(at_tp2[0] - at_tp4[0]) <= 1e-5 * abs(at_tp2[0]), (at_tp2, at_tp4)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        assert GPT(**DROPOUT).eval()(idx, targets).item() != at_tp2[0], "dropout should change the loss"
