@@ -202,7 +202,7 @@ class MultiHeadAttention(nn.Module):
         self.local_kv_heads = max(num_kv_heads // tp, 1)
         self.head_offset = tp_rank(tp_group) * self.local_heads
 
-        common = dict(bias=bias, tp_group=tp_group, copy_input=False, init_std=init_std, generator=generator)
+        common = dict(bias=bias, tp_group=tp_group, init_std=init_std, generator=generator)  # _project fuses them
         kv_shards = min(num_kv_heads, tp)
         self._q = ColumnParallelLinear(emb_size, num_heads * head_size, **common)
         self._k = ColumnParallelLinear(emb_size, num_kv_heads * head_size, num_shards=kv_shards, **common)
