@@ -8,7 +8,7 @@ Every configuration runs in a fresh process (or torchrun job), side by side in t
 median of a configuration's passes is reported:
   plain      nanoGPT-style model, no TP code, one process using all cores  (the "ideal")
   ours       tp_attention.GPT at tp=1, one process using all cores
-  ours       tp_attention.GPT at tp=N under torchrun, one thread per rank, all-reduces in shared memory
+  ours       tp_attention.GPT at tp=N under torchrun, one thread per rank, collectives in shared memory
   ours_sp    the same with sequence parallelism (LayerNorm, dropout, residual on T / tp tokens)
   ours_gloo  the same as ours with every all-reduce through gloo
   dtensor    the same model parallelized with torch.distributed.tensor.parallel, tp=N, one thread per rank

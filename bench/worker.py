@@ -28,7 +28,7 @@ from bench.nanogpt import NanoGPT, parallelize_with_dtensor
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
-from tp_attention.shm import communicator_for, enable_shared_memory_all_reduce
+from tp_attention.shm import communicator_for, enable_shared_memory_collectives
 
 SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
@@ -84,8 +84,8 @@ def main() -> None:
         torch.cuda.set_device(device)
     groups = init_parallel_groups(tp=world, device_type=device.type) if world > 1 else None
     tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
-    if args.variant in ("ours", "ours_sp") and device.type == "cpu":  # same-host TP all-reduces in shared memory
-        enable_shared_memory_all_reduce(tp_group)
+    if args.variant in ("ours", "ours_sp") and device.type == "cpu":  # same-host TP collectives in shared memory
+        enable_shared_memory_collectives(tp_group)
     model = build(args.variant, args.shape, tp_group, mesh).to(device)
     sequence_parallel = args.variant == "ours_sp"
     if sequence_parallel:
@@ -131,11 +131,11 @@ def main() -> None:
     activation_mib = sum(n for ptr, n in saved.items() if ptr not in params) / 2**20
     counter = CollectiveCounter()
     shm = communicator_for(tp_group, torch.ones(1))
-    shm_before = (shm.calls, shm.bytes) if shm else (0, 0)
+    shm_before = (shm.calls.copy(), shm.bytes) if shm else (Counter(), 0)
     with counter:
         step()
     if shm:
-        counter.calls["shm_all_reduce"] += shm.calls - shm_before[0]
+        counter.calls.update({f"shm_{name}": n for name, n in (shm.calls - shm_before[0]).items()})
         counter.bytes += shm.bytes - shm_before[1]
     result = {
         "variant": args.variant, "shape": args.shape, "dtype": args.dtype, "ranks": world,

@@ -16,7 +16,7 @@ from tests.test_attention import (
     reference_case,
 )
 from tp_attention import MultiHeadAttention, full_state_dict, load_full_state_dict
-from tp_attention.shm import enable_shared_memory_all_reduce
+from tp_attention.shm import enable_shared_memory_collectives
 
 GQA = dict(CFG, num_heads=4, num_kv_heads=1)
 
@@ -37,7 +37,7 @@ def on_every_rank(rank, world, cases, shared_memory=False):
     """Everything the gloo tests check, in one spawn to pay the start-up once."""
     group = dist.group.WORLD
     if shared_memory:
-        assert enable_shared_memory_all_reduce(group)
+        assert enable_shared_memory_collectives(group)
     out = {"equivalence": [], "counts": {}}
     for cfg, state, x, mask, grad_out in cases:
         mha = MultiHeadAttention(**cfg, tp_group=group)

@@ -28,6 +28,8 @@ def test_quick_benchmark_writes_results(tmp_path):
     per_step = 6 * 4 + 4  # 4 per layer + embedding, LM head, 2 for the loss
     assert rows[("ours_gloo", 2)]["collectives_per_step"] == {"allreduce": per_step}
     assert rows[("ours", 2)]["collectives_per_step"] == {"shm_all_reduce": per_step}
+    assert set(rows[("ours_sp", 2)]["collectives_per_step"]) == {"shm_all_gather", "shm_reduce_scatter",
+                                                                  "shm_all_reduce"}
     assert rows[("ours_sp", 2)]["activation_mib"] < rows[("ours", 2)]["activation_mib"]
     assert {r["ratio"] for r in result["ratios"]} == {"ours tp2 / dtensor tp2", "ours tp2 / ideal", "ours tp1 / plain",
                                                       "ours_gloo tp2 / dtensor tp2", "ours_gloo tp2 / ideal"}

@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.harness import assert_rel_close, run_gloo
 from tests.test_attention_gloo import count_collectives
-from tests.test_model import CASES, FP32_TOL, check, logits_loss_grads, reference
+from tests.test_model import CASES, FP32_TOL, check, logits_loss_grads, reference, sequence_parallel_run
 from tp_attention import full_grads, load_full_state_dict
 from tp_attention.model import GPT
-from tp_attention.shm import enable_shared_memory_all_reduce
+from tp_attention.shm import communicator_for, enable_shared_memory_collectives
 
 DROPOUT = dict(CASES["vocab65"], dropout=0.3)
+
+
+@contextmanager
+def count_collectives_in_shared_memory(group):
+    """Yields a Counter filled, on exit, with the shared-memory collectives issued inside (empty without shm)."""
+    communicator, calls = communicator_for(group, torch.ones(1)), Counter()
+    before = communicator.calls.copy() if communicator else Counter()
+    yield calls
+    if communicator:
+        calls.update(communicator.calls - before)
 
 
 def on_every_rank(rank, world, cases, shared_memory=False):
     group = dist.group.WORLD
     if shared_memory:
-        assert enable_shared_memory_all_reduce(group)
+        assert enable_shared_memory_collectives(group)
     out = {"equivalence": []}
     for cfg, state, idx, targets in cases:
         model = GPT(**cfg, tp_group=group)
         load_full_state_dict(model, state)
         out["equivalence"].append(logits_loss_grads(model, idx, targets))
+    with count_collectives_in_shared_memory(group) as calls:
+        out["sequence_parallel"] = [sequence_parallel_run(rank, world, *case) for case in cases]
+    out["sequence_parallel_shm_calls"] = calls
 
     cfg, state, idx, targets = cases[0]
     # CommDebugMode's module tracker fails on a second use with the same model: one model each
@@ -53,19 +69,21 @@ def dropout_reference(idx, targets):
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shm"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_gpt_on_gloo(world, shared_memory):
-    refs = [reference(CASES["vocab65"]), reference(CASES["gqa"])]
+    refs = [reference(CASES["vocab65"], seq=12), reference(CASES["gqa"], seq=12)]  # sequence parallel: T % tp == 0
     cases = [(cfg, ref.state_dict(), idx, targets)
              for cfg, (ref, idx, targets) in zip([CASES["vocab65"], CASES["gqa"]], refs, strict=True)]
     results = run_gloo(world, on_every_rank, cases, shared_memory)
 
     for i, (ref, idx, targets) in enumerate(refs):
         check([r["equivalence"][i] for r in results], ref, idx, targets)
+        check([r["sequence_parallel"][i] for r in results], ref, idx, targets)
 
     layers = CASES["vocab65"]["num_layers"]
     for r in results:
         forward, backward, inference = r["counts"]
-        if shared_memory:  # every all-reduce went through shared memory: no c10d all-reduce at all
-            assert (forward, backward, inference) == ({}, {}, {"allgather_": 1})
+        if shared_memory:  # every collective went through shared memory: no c10d all-reduce at all
+            assert (forward, backward, inference) == ({}, {}, {})
+            assert set(r["sequence_parallel_shm_calls"]) == {"all_gather", "reduce_scatter", "all_reduce"}
             continue
         assert forward == {"allreduce_": 1 + 2 * layers + 2}  # embedding, 2 per block, loss max + sums
         assert backward == {"allreduce_": 2 * layers + 1}  # 2 per block, LM-head input

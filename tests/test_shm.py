@@ -1,4 +1,4 @@
-"""The shared-memory all-reduce on real processes: exact sums, every rank the same bits, fallbacks, timeouts."""
+"""The shared-memory collectives on real processes: exact results, every rank the same bits, fallbacks, timeouts."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ import torch
 import torch.distributed as dist
 
 from tests.harness import run_gloo
-from tp_attention.mappings import all_reduce_in_place
+from tp_attention.mappings import _all_gather, _reduce_scatter, all_reduce_in_place
 from tp_attention.shm import (
-    SharedMemoryAllReduce,
+    SharedMemoryCollectives,
     communicator_for,
-    disable_shared_memory_all_reduce,
-    enable_shared_memory_all_reduce,
+    disable_shared_memory_collectives,
+    enable_shared_memory_collectives,
 )
 
 
 def many_reductions(rank, world):
     group = dist.group.WORLD
-    assert enable_shared_memory_all_reduce(group)
+    assert enable_shared_memory_collectives(group)
     results = []
     for i, (shape, dtype) in enumerate([((3, 5), torch.float32), ((1000,), torch.bfloat16), ((7,), torch.float64),
                                         ((2, 2), torch.int64)] * 5):  # back-to-back calls reuse both buffers
@@ -29,7 +29,7 @@ def many_reductions(rank, world):
     big = torch.ones(5 << 20)  # 20 MiB: more than the buffer, so the process group does it
     fallback = communicator_for(group, big) is None
     results.append(all_reduce_in_place(big, group)[:3])
-    disable_shared_memory_all_reduce(group)
+    disable_shared_memory_collectives(group)
     return results, fallback
 
 
@@ -49,8 +49,46 @@ def test_sums_match_and_are_identical_on_every_rank(world):
         assert all(torch.equal(a, b) for a, b in zip(other, results, strict=True)), "ranks must agree bitwise"
 
 
+def gathers_and_scatters(rank, world, shared_memory):
+    """All-gathers and reduce-scatters along every dim and dtype, non-contiguous inputs included."""
+    group = dist.group.WORLD
+    if shared_memory:
+        assert enable_shared_memory_collectives(group)
+    gen = torch.Generator().manual_seed(rank)
+    results = []
+    for dim, dtype in [(0, torch.float32), (1, torch.bfloat16), (2, torch.float64), (1, torch.float32)]:
+        local = torch.randn(2, 3, 4, generator=gen).to(dtype)
+        full = torch.randint(-8, 8, (4, 4 * world, 4 * world), generator=gen).to(dtype)  # exact sums in any order
+        if dim == 1 and dtype == torch.float32:  # a transposed (non-contiguous) gradient, as backward gives
+            local, full = local.transpose(0, 2), full.transpose(0, 2)
+        results.append((local, full, _all_gather(local, dim, group), _reduce_scatter(full, dim, group)))
+    if shared_memory:
+        counts = dict(communicator_for(group, torch.ones(1)).calls)
+        disable_shared_memory_collectives(group)
+        return results, counts
+    return results, {}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_gather_and_reduce_scatter_match_the_process_group(world):
+    on_gloo = run_gloo(world, gathers_and_scatters, False)
+    in_shm = run_gloo(world, gathers_and_scatters, True)
+    dims = [0, 1, 2, 1]
+    for rank in range(world):
+        assert in_shm[rank][1] == {"all_gather": 4, "reduce_scatter": 4}
+        for i, dim in enumerate(dims):
+            gathered, scattered = in_shm[rank][0][i][2:]
+            expected_gather = torch.cat([in_shm[r][0][i][0] for r in range(world)], dim=dim)
+            total = sum((in_shm[r][0][i][1] for r in range(1, world)), in_shm[0][0][i][1].clone())  # rank order
+            assert torch.equal(gathered, expected_gather), (rank, i)
+            assert torch.equal(scattered, total.chunk(world, dim=dim)[rank]), (rank, i)
+            assert scattered.is_contiguous()
+            assert torch.equal(scattered, on_gloo[rank][0][i][3])
+            assert torch.equal(on_gloo[rank][0][i][2], torch.cat([on_gloo[r][0][i][0] for r in range(world)], dim))
+
+
 def absent_peer(rank, world):
-    communicator = SharedMemoryAllReduce(dist.group.WORLD, max_bytes=1024, timeout_s=1.0)
+    communicator = SharedMemoryCollectives(dist.group.WORLD, max_bytes=1024, timeout_s=1.0)
     dist.barrier()
     message = None
     if rank == 0:
@@ -69,5 +107,5 @@ def test_a_missing_peer_times_out_with_a_message():
 
 
 def test_declines_groups_it_cannot_serve():
-    assert not enable_shared_memory_all_reduce(None)
+    assert not enable_shared_memory_collectives(None)
     assert communicator_for(None, torch.ones(1)) is None

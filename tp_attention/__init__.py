@@ -12,7 +12,7 @@ from tp_attention.mappings import (
     scatter_to_tp,
 )
 from tp_attention.model import GPT, GPTConfig
-from tp_attention.shm import enable_shared_memory_all_reduce
+from tp_attention.shm import enable_shared_memory_collectives
 from tp_attention.state_dict import full_grads, full_state_dict, gather_full, load_full_state_dict
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -27,7 +27,7 @@ __all__ = [
     "ShardSpec",
     "VocabParallelEmbedding",
     "copy_to_tp",
-    "enable_shared_memory_all_reduce",
+    "enable_shared_memory_collectives",
     "full_grads",
     "full_state_dict",
     "gather_from_sp",

@@ -24,8 +24,8 @@ from tp_attention.shm import communicator_for
 def all_reduce_in_place(
     x: torch.Tensor, group: ProcessGroup | None, op: dist.ReduceOp = dist.ReduceOp.SUM
 ) -> torch.Tensor:
-    """Reduce `x` over `group` in place and return it: through shared memory where enabled for the
-    group (see `tp_attention.shm`), else the process group's own all-reduce."""
+    """Reduce `x` over `group` in place and return it. Here and in every collective below: through
+    shared memory where enabled for the group (see `tp_attention.shm`), else the process group."""
     if tp_size(group) > 1:
         communicator = communicator_for(group, x)
         if communicator is not None:
@@ -50,6 +50,9 @@ def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.
     n = tp_size(group)
     if n == 1:
         return x
+    communicator = communicator_for(group, x)
+    if communicator is not None:
+        return communicator.all_gather(x, dim)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x, group=group)
@@ -63,6 +66,9 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> to
         return x
     if x.size(dim) % n != 0:
         raise ValueError(f"size {x.size(dim)} of dim {dim} must be divisible by tp_size = {n}")
+    communicator = communicator_for(group, x)
+    if communicator is not None:
+        return communicator.reduce_scatter(x, dim)
     chunks = [c.contiguous() for c in x.chunk(n, dim=dim)]
     out = torch.empty_like(chunks[0])
     try:

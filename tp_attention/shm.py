@@ -1,10 +1,13 @@
-"""All-reduce through shared memory for the ranks of a TP group that share one machine (CPU tensors).
+"""All-reduce, all-gather and reduce-scatter through shared memory for the ranks of a TP group that
+share one machine (CPU tensors).
 
-gloo moves every all-reduce through loopback TCP (~1.4 ms for 1.5 MB on the reference 2-core box).
-Here each rank copies its tensor into its own slot of a shared buffer, publishes a sequence number,
-waits until every rank has published, and sums the slots in rank order: the same bits on every rank.
-Two buffers alternate, so one wait per call is enough: a rank can only reuse a buffer after every
-other rank has published the next call, which it does only after it finished reading this one.
+gloo moves every collective through loopback TCP (~1.4 ms for a 1.5 MB all-reduce on the reference
+2-core box). Here each rank copies its tensor into its own slot of a shared buffer, publishes a
+sequence number and waits until every rank has published; then it reads what it needs: all slots
+summed in rank order (all-reduce: the same bits on every rank), all slots concatenated (all-gather),
+or its own chunk of every slot summed in rank order (reduce-scatter: the bits of the all-reduce's
+chunk). Two buffers alternate, so one wait per call is enough: a rank can only reuse a buffer after
+every other rank has published the next call, which it does only after it finished reading this one.
 
 Used only where it is safe: CPU tensors, every rank of the group on this host, x86-64 (whose stores
 are seen in program order). Anything else, and tensors larger than the buffer, go to the process group.
@@ -17,6 +20,7 @@ import platform
 import socket
 import time
 import uuid
+from collections import Counter
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
@@ -25,20 +29,21 @@ import torch.distributed as dist
 
 from tp_attention.distributed import ProcessGroup
 
-_COMMUNICATORS: dict[ProcessGroup, SharedMemoryAllReduce] = {}
+_COMMUNICATORS: dict[ProcessGroup, SharedMemoryCollectives] = {}
 SLOT_ALIGN = 64
 
 
-class SharedMemoryAllReduce:
-    """Sum (or max) CPU tensors over `group` through a shared buffer of `2 * world * max_bytes`.
+class SharedMemoryCollectives:
+    """Collectives on CPU tensors over `group` through a shared buffer of `2 * world * max_bytes`.
 
-    A collective to build: every rank of `group` must call it.
+    A collective to build: every rank of `group` must call it, and then the same sequence of calls.
     """
 
     def __init__(self, group: ProcessGroup, max_bytes: int = 16 << 20, timeout_s: float = 600.0) -> None:
         self.group, self.max_bytes, self.timeout_s = group, max_bytes, timeout_s
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.seq = self.calls = self.bytes = 0  # calls and bytes: for the benchmark's accounting
+        self.seq = self.bytes = 0
+        self.calls: Counter[str] = Counter()  # calls per collective and bytes sent: the benchmark's accounting
         name = [f"tpattn_{uuid.uuid4().hex[:16]}" if self.rank == 0 else None]
         dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
         size = SLOT_ALIGN * self.world + 2 * self.world * max_bytes
@@ -58,28 +63,49 @@ class SharedMemoryAllReduce:
                                      count=2 * self.world * max_bytes).view(2, self.world, max_bytes)
 
     def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel() * tensor.element_size() \
-            <= self.max_bytes
+        return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= self.max_bytes
 
-    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-        """Reduce `tensor` in place over the group and return it."""
+    def _exchange(self, tensor: torch.Tensor, name: str) -> list[torch.Tensor]:
+        """Publish `tensor` in this rank's slot, wait for every rank, return every rank's tensor (views)."""
         self.seq += 1
         nbytes = tensor.numel() * tensor.element_size()
-        self.calls, self.bytes = self.calls + 1, self.bytes + nbytes
+        self.calls[name] += 1
+        self.bytes += nbytes
         slots = self.data[self.seq % 2]  # (world, max_bytes)
-        slots[self.rank, :nbytes].copy_(tensor.view(-1).view(torch.uint8))
+        slots[self.rank, :nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
         self.counters[self.rank] = self.seq
-        self._wait_for_all()
-        parts = [slots[r, :nbytes].view(tensor.dtype).view(tensor.shape) for r in range(self.world)]
+        self._wait_for_all(name)
+        return [slots[r, :nbytes].view(tensor.dtype).view(tensor.shape) for r in range(self.world)]
+
+    @staticmethod
+    def _reduce(parts: list[torch.Tensor], op: dist.ReduceOp) -> torch.Tensor:
+        """Sum (or max) `parts` in rank order into a new tensor."""
         result = parts[0].clone()
         for part in parts[1:]:
             if op == dist.ReduceOp.MAX:
                 torch.maximum(result, part, out=result)
             else:
                 result.add_(part)
-        return tensor.copy_(result)
+        return result
 
-    def _wait_for_all(self) -> None:
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """Reduce `tensor` in place over the group and return it."""
+        return tensor.copy_(self._reduce(self._exchange(tensor, "all_reduce"), op))
+
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's `tensor` concatenated along `dim`, in rank order (a new tensor)."""
+        return torch.cat(self._exchange(tensor, "all_gather"), dim=dim)
+
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The sum of every rank's `tensor`, this rank's chunk along `dim` of it (a new tensor).
+
+        `tensor.size(dim)` must be divisible by the group size (the caller checks).
+        """
+        parts = self._exchange(tensor, "reduce_scatter")
+        return self._reduce([p.chunk(self.world, dim=dim)[self.rank] for p in parts], dist.ReduceOp.SUM) \
+            .contiguous()
+
+    def _wait_for_all(self, name: str) -> None:
         """Spin briefly, then yield the core (ranks may outnumber cores), then sleep; give up at the timeout."""
         start, spins = None, 0
         while (self.counters < self.seq).any():
@@ -90,8 +116,8 @@ class SharedMemoryAllReduce:
                 start = time.monotonic()
             waited = time.monotonic() - start
             if waited > self.timeout_s:
-                raise RuntimeError(f"shared-memory all-reduce timed out after {self.timeout_s:g} s waiting for "
-                                   f"ranks {np.flatnonzero(self.counters < self.seq).tolist()}")
+                raise RuntimeError(f"shared-memory {name.replace('_', '-')} timed out after {self.timeout_s:g} s "
+                                   f"waiting for ranks {np.flatnonzero(self.counters < self.seq).tolist()}")
             time.sleep(1e-4) if waited > 0.01 else os.sched_yield()
 
     def close(self) -> None:
@@ -101,8 +127,9 @@ class SharedMemoryAllReduce:
             self.shm.unlink()
 
 
-def enable_shared_memory_all_reduce(group: ProcessGroup | None, timeout_s: float = 600.0) -> bool:
-    """Route `group`'s all-reduces through shared memory if every rank is on this host (a collective).
+def enable_shared_memory_collectives(group: ProcessGroup | None, timeout_s: float = 600.0) -> bool:
+    """Route `group`'s all-reduces, all-gathers and reduce-scatters through shared memory if every rank
+    is on this host (a collective).
 
     Returns whether it was enabled. Safe to call on any group: it declines (False) for groups of
     one, groups spanning machines, and non-x86-64 hosts.
@@ -114,18 +141,18 @@ def enable_shared_memory_all_reduce(group: ProcessGroup | None, timeout_s: float
     if len(set(hosts)) != 1 or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     if group not in _COMMUNICATORS:
-        _COMMUNICATORS[group] = SharedMemoryAllReduce(group, timeout_s=timeout_s)
+        _COMMUNICATORS[group] = SharedMemoryCollectives(group, timeout_s=timeout_s)
     return True
 
 
-def disable_shared_memory_all_reduce(group: ProcessGroup) -> None:
-    """Go back to the process group's own all-reduce and free the shared buffer."""
+def disable_shared_memory_collectives(group: ProcessGroup) -> None:
+    """Go back to the process group's own collectives and free the shared buffer."""
     communicator = _COMMUNICATORS.pop(group, None)
     if communicator is not None:
         communicator.close()
 
 
-def communicator_for(group: ProcessGroup | None, tensor: torch.Tensor) -> SharedMemoryAllReduce | None:
-    """The shared-memory communicator to use for `tensor` on `group`, if any."""
+def communicator_for(group: ProcessGroup | None, tensor: torch.Tensor) -> SharedMemoryCollectives | None:
+    """The shared-memory communicator to use for `tensor` (what this rank publishes) on `group`, if any."""
     communicator = _COMMUNICATORS.get(group) if group is not None else None
     return communicator if communicator is not None and communicator.fits(tensor) else None

@@ -69,7 +69,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # LayerNorm/dropout/residual on T / tp tokens per rank
     device: str = "auto"  # auto | cpu | cuda
     timeout_s: float = 600.0
-    shm_all_reduce: bool = True  # CPU: TP all-reduces through shared memory when the group shares a host
+    shm_collectives: bool = True  # CPU: TP collectives through shared memory when the group shares a host
 
 
 @dataclass

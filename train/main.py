@@ -36,7 +36,7 @@ from tp_attention.flops import flops_per_token, measure_peak_flops
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
 from tp_attention.plots import save_loss_plot
-from tp_attention.shm import enable_shared_memory_all_reduce
+from tp_attention.shm import enable_shared_memory_collectives
 from train import checkpoint, faults
 from train.config import ConfigError, OptimConfig, TrainConfig, TrainingError, validate
 from train.data import eval_batches, prepare_data, step_batch
@@ -250,8 +250,8 @@ def _run(cfg: DictConfig, phase: dict[str, str]) -> dict[str, Any]:
     # our process group first (accelerate adopts it): restart-safe store, the (dp, tp) mesh, the timeout
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     groups = init_parallel_groups(p.tp, device_type, p.timeout_s) if distributed else None
-    if groups is not None and device_type == "cpu" and p.shm_all_reduce:
-        enable_shared_memory_all_reduce(groups.tp_group, p.timeout_s)
+    if groups is not None and device_type == "cpu" and p.shm_collectives:
+        enable_shared_memory_collectives(groups.tp_group, p.timeout_s)
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)  # rank 0's is the run dir (see agree_on_run_dir)
     accelerator = Accelerator(
         cpu=device_type == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
