@@ -2,6 +2,7 @@
 
     python -m bench                      # small + medium, fp32 + bf16 (a few minutes on 2 cores)
     python -m bench --quick              # small, fp32 only
+    python -m bench --compile            # torch.compile (inductor) against eager: plain, ours tp=1, ours tp=N
 
 Every configuration runs in a fresh process (or torchrun job), side by side in this one invocation, in
 `--rounds` passes (forward, then backward order, so that drift of the machine cancels); the faster
@@ -14,7 +15,8 @@ median of a configuration's passes is reported:
   dtensor    the same model parallelized with torch.distributed.tensor.parallel, tp=N, one thread per rank
 Activations/rank: bytes of the tensors autograd saves during one forward (parameters excluded).
 MFU = model FLOPs (nanoGPT's 6N + 12LHDT per token) / step time / the machine's measured matmul peak
-(all cores, same dtype). Results: bench/results/latest.json and latest.md.
+(all cores, same dtype). Results: bench/results/latest.json and latest.md (compile.json and compile.md
+with --compile, whose rows `+compile` report the first step, which compiles, apart).
 
 On a machine with CUDA GPUs the same runs on GPU: NCCL for tp > 1 across the GPUs there are, and on a
 single GPU the one-process rows, including GPT-2 124M's MFU against the measured bf16/fp32 matmul peak.
@@ -49,11 +51,12 @@ TARGETS = {  # ratio of step times, {tp} filled in: {dtype: target}
 }
 
 
-def run_worker(variant: str, shape: str, dtype: str, ranks: int, args: argparse.Namespace) -> dict:
+def run_worker(variant: str, shape: str, dtype: str, ranks: int, compiled: bool, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         worker = ["-m", "bench.worker", "--variant", variant, "--shape", shape, "--dtype", dtype,
-                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]
+                  "--steps", str(args.steps), "--warmup", str(max(args.warmup, int(compiled))), "--out", str(out),
+                  *(["--compile"] if compiled else [])]
         env = dict(os.environ)
         if ranks == 1:
             command = [sys.executable, *worker]
@@ -76,40 +79,50 @@ def model_flops(shape: str) -> float:
     return flops_per_token(cfg, GPT.from_config(cfg).num_parameters(), seq) * batch * seq
 
 
+def label(row: dict) -> str:
+    return row["variant"] + ("+compile" if row.get("compiled") else "")
+
+
 def ratios(rows: list[dict], tp: int) -> list[dict]:
+    """The issue's ratios of step times (with their targets), and compiled / eager where measured (no target)."""
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for dtype in dict.fromkeys(r["dtype"] for r in rows):
-            by = {(r["variant"], r["ranks"]): r["step_median_s"] for r in rows if (r["shape"], r["dtype"]) == (shape,
-                                                                                                          dtype)}
+            by = {(label(r), r["ranks"]): r["step_median_s"] for r in rows if (r["shape"], r["dtype"]) == (shape,
+                                                                                                        dtype)}
             if ("ours", tp) not in by:
                 continue
             values = {"ours tp{tp} / dtensor tp{tp}": ("ours", tp, "dtensor", tp),
                       "ours tp{tp} / ideal": ("ours", tp, "plain", 1), "ours tp1 / plain": ("ours", 1, "plain", 1),
                       "ours_gloo tp{tp} / dtensor tp{tp}": ("ours_gloo", tp, "dtensor", tp),
-                      "ours_gloo tp{tp} / ideal": ("ours_gloo", tp, "plain", 1)}
+                      "ours_gloo tp{tp} / ideal": ("ours_gloo", tp, "plain", 1),
+                      "plain+compile / plain": ("plain+compile", 1, "plain", 1),
+                      "ours+compile tp1 / ours tp1": ("ours+compile", 1, "ours", 1),
+                      "ours+compile tp{tp} / ours tp{tp}": ("ours+compile", tp, "ours", tp),
+                      "ours+compile tp{tp} / plain+compile": ("ours+compile", tp, "plain+compile", 1)}
             for name, (a, ranks_a, b, ranks_b) in values.items():
                 if (a, ranks_a) in by and (b, ranks_b) in by:
-                    value, target = by[(a, ranks_a)] / by[(b, ranks_b)], TARGETS[name][dtype]
+                    value, target = by[(a, ranks_a)] / by[(b, ranks_b)], TARGETS.get(name, {}).get(dtype)
                     out.append({"shape": shape, "dtype": dtype, "ratio": name.format(tp=tp), "value": value,
-                                "target": target, "met": value <= target})
+                                "target": target, "met": None if target is None else value <= target})
     return out
 
 
 def markdown(result: dict) -> str:
     lines = [f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}",
-             "", "| shape | dtype | variant | ranks x threads | median s | min s | tokens/s | GFLOP/s | MFU "
-             "| peak mem/rank MiB | activations/rank MiB | collectives/step | MB/step |", "|" + "---|" * 13]
+             "", "| shape | dtype | variant | ranks x threads | median s | min s | first step s | tokens/s | GFLOP/s "
+             "| MFU | peak mem/rank MiB | activations/rank MiB | collectives/step | MB/step |", "|" + "---|" * 14]
     for r in result["rows"]:
         calls = ", ".join(f"{n} {c}" for n, c in sorted(r["collectives_per_step"].items())) or "-"
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['variant']} | {r['ranks']} x {r['threads']} "
-                     f"| {r['step_median_s']:.3f} | {r['step_min_s']:.3f} | {r['tokens_per_s']:,.0f} "
+        lines.append(f"| {r['shape']} | {r['dtype']} | {label(r)} | {r['ranks']} x {r['threads']} "
+                     f"| {r['step_median_s']:.3f} | {r['step_min_s']:.3f} | {r['first_step_s']:.1f} "
+                     f"| {r['tokens_per_s']:,.0f} "
                      f"| {r['gflops']:.1f} | {r['mfu']:.1%} | {r['peak_mem_mib']:.0f} | {r['activation_mib']:.0f} "
                      f"| {calls} | {r['collective_bytes_per_step'] / 1e6:.1f} |")
     lines += ["", "| shape | dtype | ratio (step time) | value | target | met |", "|---|---|---|---|---|---|"]
     for r in result["ratios"]:
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['ratio']} | {r['value']:.2f} | <= {r['target']:.2f} "
-                     f"| {'yes' if r['met'] else 'no'} |")
+        target, met = ("-", "-") if r["target"] is None else (f"<= {r['target']:.2f}", "yes" if r["met"] else "no")
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['ratio']} | {r['value']:.2f} | {target} | {met} |")
     peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in result["peak_flops"].items())
     lines += ["", f"Measured matmul peak (one process, all cores): {peaks}."]
     return "\n".join(lines) + "\n"
@@ -121,6 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration; the faster is kept")
+    parser.add_argument("--compile", action="store_true",
+                        help="eager against torch.compile for plain, ours tp=1 and ours tp=N (instead of the rest)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -130,10 +145,15 @@ def main() -> None:
     tps = [tp for tp in (2, 4, 8) if tp <= units and (device == "cuda" or tp <= 4)]
     shapes = ["small"] if args.quick else [s for s in SHAPES if device == "cuda" or s != "gpt2"]
     dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
-    jobs = [(variant, shape, dtype, ranks) for shape in shapes for dtype in dtypes
-            for variant, ranks in [("plain", 1), ("ours", 1),
-                                   *[(v, tp) for tp in tps for v in ("ours", "ours_sp", "ours_gloo", "dtensor")
-                                     if device == "cpu" or v != "ours_gloo"]]]
+    if args.compile:
+        variants = [(v, ranks, compiled) for v, ranks in [("plain", 1), ("ours", 1), *[("ours", tp) for tp in tps]]
+                    for compiled in (False, True)]
+    else:
+        variants = [("plain", 1, False), ("ours", 1, False),
+                    *[(v, tp, False) for tp in tps for v in ("ours", "ours_sp", "ours_gloo", "dtensor")
+                      if device == "cpu" or v != "ours_gloo"]]
+    jobs = [(variant, shape, dtype, ranks, compiled) for shape in shapes for dtype in dtypes
+            for variant, ranks, compiled in variants]
     torch.set_num_threads(cores)
     peak = {d: measure_peak_flops(device, torch.float32 if d == "fp32" else torch.bfloat16,
                                   size=2048 if device == "cpu" else 8192, seconds=2.0) for d in dtypes}
@@ -154,15 +174,16 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     accelerator = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, nccl" if device == "cuda"
                    else "gloo")
-    command = "python -m bench" + (" --quick" if args.quick else "")
+    command = "python -m bench" + (" --quick" if args.quick else "") + (" --compile" if args.compile else "")
     command += "".join(f" --{k} {getattr(args, k)}" for k, d in (("steps", 5), ("rounds", 2)) if getattr(args, k) != d)
     result = {"command": command,
               "machine": f"{cpu}, {cores} cores, torch {torch.__version__}, {accelerator}",
               "date": datetime.date.today().isoformat(), "peak_flops": peak, "rows": rows,
               "ratios": [r for tp in tps for r in ratios(rows, tp)]}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(result, indent=2))
-    (args.out / "latest.md").write_text(markdown(result))
+    stem = "compile" if args.compile else "latest"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 

@@ -4,8 +4,10 @@
     torchrun --nproc_per_node 2 -m bench.worker --variant dtensor ...
 
 A step is forward, loss, backward and AdamW on the same random tokens for every variant. Step time
-is the slowest rank's. Collectives are counted (calls and bytes) over one extra step. Peak memory is
-the process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on GPU.
+is the slowest rank's. With `--compile` the model runs through `torch.compile` (inductor); the first
+step, which compiles forward and backward, is reported apart as `first_step_s`. Collectives are
+counted (calls and bytes) over one extra eager step. Peak memory is the process's peak RSS on CPU,
+`torch.cuda.max_memory_allocated` on GPU.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from bench.nanogpt import NanoGPT, parallelize_with_dtensor
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
-from tp_attention.shm import communicator_for, enable_shared_memory_collectives
+from tp_attention.shm import enable_shared_memory_collectives
 
 SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
@@ -36,21 +38,26 @@ SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "gpt2": (12, 12, 768, 1024, 8),  # GPT-2 124M (GPU only)
 }
 VOCAB = 256
-COLLECTIVES = ("allreduce", "allgather", "reducescatter", "broadcast", "alltoall")
+COLLECTIVES = {"allreduce": "all_reduce", "allgather": "all_gather", "allgatherbase": "all_gather",
+               "allgatherintotensor": "all_gather", "reducescatter": "reduce_scatter",
+               "reducescatterbase": "reduce_scatter", "reducescattertensor": "reduce_scatter",
+               "broadcast": "broadcast", "alltoall": "all_to_all"}  # op names without "_" -> one name
 
 
 class CollectiveCounter(TorchDispatchMode):
-    """Counts c10d and functional (DTensor) collectives, and their payload: per call, the bytes of the
-    largest tensor argument (what one rank contributes: the all-reduced tensor, one gathered chunk)."""
+    """Counts collectives and their payload: c10d's and the functional ones (DTensor's, our async
+    all-reduce) by name, our shared-memory ones as `shm_<name>`. Per call, the bytes of the largest
+    tensor argument (what one rank contributes: the all-reduced tensor, one gathered chunk)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls, self.bytes = Counter(), 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0].rstrip("_")
-        if func.namespace in ("c10d", "_c10d_functional") and name.replace("_", "").startswith(COLLECTIVES):
-            self.calls[name] += 1
+        key = func.__name__.split(".")[0].replace("_", "")
+        name = COLLECTIVES.get(key.removeprefix("shm"))
+        if name and func.namespace in ("c10d", "_c10d_functional", "tp_attention"):
+            self.calls["shm_" + name if func.namespace == "tp_attention" else name] += 1
             tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
             self.bytes += max((t.numel() * t.element_size() for t in tensors), default=0)
         return func(*args, **(kwargs or {}))
@@ -75,6 +82,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -91,15 +99,16 @@ def main() -> None:
     if sequence_parallel:
         model.sequence_parallel = True
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if args.compile else model
     _, _, _, seq, batch = SHAPES[args.shape]
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, VOCAB, (batch, seq), generator=gen).to(device)
     y = torch.randint(0, VOCAB, (batch, seq), generator=gen).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
-    def step() -> float:
+    def step(run: torch.nn.Module = forward) -> float:
         with autocast:
-            loss = model(x, y)
+            loss = run(x, y)
         loss.backward()
         if sequence_parallel:
             sync_replicated_grads(model, tp_group)
@@ -114,6 +123,7 @@ def main() -> None:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    first_step_s = times[0]
     times = torch.tensor(times[args.warmup:], device=device)
     if world > 1:  # the step ends when the slowest rank ends
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
@@ -130,15 +140,11 @@ def main() -> None:
     params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
     activation_mib = sum(n for ptr, n in saved.items() if ptr not in params) / 2**20
     counter = CollectiveCounter()
-    shm = communicator_for(tp_group, torch.ones(1))
-    shm_before = (shm.calls.copy(), shm.bytes) if shm else (Counter(), 0)
-    with counter:
-        step()
-    if shm:
-        counter.calls.update({f"shm_{name}": n for name, n in (shm.calls - shm_before[0]).items()})
-        counter.bytes += shm.bytes - shm_before[1]
+    with counter:  # eager: a dispatch mode around a compiled model would make it recompile
+        step(model)
     result = {
-        "variant": args.variant, "shape": args.shape, "dtype": args.dtype, "ranks": world,
+        "variant": args.variant, "shape": args.shape, "dtype": args.dtype, "ranks": world, "compiled": args.compile,
+        "first_step_s": first_step_s,
         "threads": torch.get_num_threads(), "device": device.type, "activation_mib": activation_mib,
         "step_median_s": statistics.median(times.tolist()),
         "step_min_s": min(times.tolist()), "tokens_per_step": batch * seq,

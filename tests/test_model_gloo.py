@@ -85,9 +85,9 @@ def test_gpt_on_gloo(world, shared_memory):
             assert (forward, backward, inference) == ({}, {}, {})
             assert set(r["sequence_parallel_shm_calls"]) == {"all_gather", "reduce_scatter", "all_reduce"}
             continue
-        assert forward == {"allreduce_": 1 + 2 * layers + 2}  # embedding, 2 per block, loss max + sums
-        assert backward == {"allreduce_": 2 * layers + 1}  # 2 per block, LM-head input
-        assert inference == {"allreduce_": 1 + 2 * layers, "allgather_": 1}  # + gather of the logits
+        assert forward == {"all_reduce": 1 + 2 * layers + 2}  # embedding, 2 per block, loss max + sums
+        assert backward == {"all_reduce": 2 * layers + 1}  # 2 per block, LM-head input
+        assert inference == {"all_reduce": 1 + 2 * layers, "all_gather": 1}  # + gather of the logits
 
     _, idx, targets = refs[0]
     loss, grads, model = dropout_reference(idx, targets)

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -130,14 +129,15 @@ class _CopyToTPLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.to(weight.dtype)
         dx = dy @ weight if ctx.needs_input_grad[0] else None  # (*, in)
-        shared = dx is not None and communicator_for(ctx.group, dx) is not None  # no need to overlap
-        handle = dist.all_reduce(dx, group=ctx.group, async_op=True) if dx is not None and not shared else None
+        overlap = dx is not None and communicator_for(ctx.group, dx) is None  # shared memory: nothing to hide
+        if overlap:  # a functional collective: started now, awaited below; torch.compile traces it too
+            dx = torch.ops._c10d_functional.all_reduce(dx, "sum", ctx.group.group_name)
         dy2d = dy.reshape(-1, dy.size(-1))
         dw = dy2d.t() @ x.reshape(-1, x.size(-1))  # (out, in): computed while dx travels
         db = dy2d.sum(0) if ctx.has_bias else None
-        if handle is not None:
-            handle.wait()
-        elif shared:
+        if overlap:
+            dx = torch.ops._c10d_functional.wait_tensor(dx)
+        elif dx is not None:
             all_reduce_in_place(dx, ctx.group)
         return dx, dw, db, None
 

@@ -16,20 +16,64 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
-from tp_attention.shm import communicator_for
+from tp_attention.shm import SharedMemoryCollectives, communicator_for
+
+# The shared-memory collectives are custom ops, opaque to torch.compile (it cannot trace their spin-wait);
+# the process-group ones are plain torch.distributed calls, which torch.compile and CommDebugMode understand.
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def _communicator(group_name: str) -> SharedMemoryCollectives:
+    return communicator_for(_resolve_process_group(group_name), torch.empty(0))
+
+
+@torch.library.custom_op("tp_attention::shm_all_reduce_", mutates_args=("x",))
+def _shm_all_reduce(x: torch.Tensor, group_name: str, op: str) -> None:
+    _communicator(group_name).all_reduce(x, _REDUCE_OPS[op])
+
+
+@_shm_all_reduce.register_fake
+def _(x, group_name, op):
+    return None
+
+
+@torch.library.custom_op("tp_attention::shm_all_gather", mutates_args=())
+def _shm_all_gather(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    return _communicator(group_name).all_gather(x, dim)
+
+
+@_shm_all_gather.register_fake
+def _(x, dim, group_name):
+    return torch.cat([x] * dist.get_world_size(_resolve_process_group(group_name)), dim=dim)
+
+
+@torch.library.custom_op("tp_attention::shm_reduce_scatter", mutates_args=())
+def _shm_reduce_scatter(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    return _communicator(group_name).reduce_scatter(x, dim)
+
+
+@_shm_reduce_scatter.register_fake
+def _(x, dim, group_name):
+    return x.chunk(dist.get_world_size(_resolve_process_group(group_name)), dim=dim)[0].contiguous()
 
 
 def all_reduce_in_place(
     x: torch.Tensor, group: ProcessGroup | None, op: dist.ReduceOp = dist.ReduceOp.SUM
 ) -> torch.Tensor:
     """Reduce `x` over `group` in place and return it. Here and in every collective below: through
-    shared memory where enabled for the group (see `tp_attention.shm`), else the process group."""
+    shared memory where enabled for the group (see `tp_attention.shm`), else the process group.
+
+    Raises:
+        ValueError: `op` is not SUM or MAX.
+    """
+    if op not in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
+        raise ValueError(f"op = {op} is not supported: use dist.ReduceOp.SUM or dist.ReduceOp.MAX")
     if tp_size(group) > 1:
-        communicator = communicator_for(group, x)
-        if communicator is not None:
-            communicator.all_reduce(x, op)
+        if communicator_for(group, x) is not None:
+            torch.ops.tp_attention.shm_all_reduce_(x, group.group_name, "max" if op == dist.ReduceOp.MAX else "sum")
         else:
             dist.all_reduce(x, op=op, group=group)
     return x
@@ -50,13 +94,11 @@ def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.
     n = tp_size(group)
     if n == 1:
         return x
-    communicator = communicator_for(group, x)
-    if communicator is not None:
-        return communicator.all_gather(x, dim)
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    if communicator_for(group, x) is not None:
+        return torch.ops.tp_attention.shm_all_gather(x, dim, group.group_name)
+    out = x.new_empty((n * x.size(0), *x.shape[1:]))  # (n * d0, ...): ranks stacked along dim 0
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out if dim % x.dim() == 0 else torch.cat(out.chunk(n), dim=dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
@@ -66,16 +108,15 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> to
         return x
     if x.size(dim) % n != 0:
         raise ValueError(f"size {x.size(dim)} of dim {dim} must be divisible by tp_size = {n}")
-    communicator = communicator_for(group, x)
-    if communicator is not None:
-        return communicator.reduce_scatter(x, dim)
-    chunks = [c.contiguous() for c in x.chunk(n, dim=dim)]
-    out = torch.empty_like(chunks[0])
+    if communicator_for(group, x) is not None:
+        return torch.ops.tp_attention.shm_reduce_scatter(x, dim, group.group_name)
+    stacked = x.movedim(dim, 0).contiguous()  # (d, ...): the ranks' chunks along dim 0
+    out = stacked.new_empty((stacked.size(0) // n, *stacked.shape[1:]))
     try:
-        dist.reduce_scatter(out, chunks, group=group)
+        dist.reduce_scatter_tensor(out, stacked, group=group)
     except (RuntimeError, NotImplementedError):  # backends without reduce_scatter
-        out = all_reduce_in_place(x.clone(), group).chunk(n, dim=dim)[tp_rank(group)].contiguous()
-    return out
+        out = all_reduce_in_place(stacked.clone(), group).chunk(n)[tp_rank(group)]
+    return out.movedim(0, dim).contiguous()
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -186,6 +186,7 @@ class GPT(nn.Module):
         """The LM head's weight holder: the token embedding itself when tied."""
         return self._token_embeddings if self._lm_head is None else self._lm_head
 
+    @torch.compiler.disable  # runs eagerly under torch.compile: a bad id gets this message, not a kernel abort
     def _check_ids(self, ids: torch.Tensor, what: str, allowed_extra: int | None = None) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise TypeError(f"{what} must be an integer tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
