@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.worker import SHAPES, VOCAB
+from bench.worker import PROFILE_KINDS, SHAPES, VOCAB
 from tp_attention.flops import flops_per_token, measure_peak_flops
 from tp_attention.model import GPT, GPTConfig
 
@@ -123,6 +123,16 @@ def markdown(result: dict) -> str:
     for r in result["ratios"]:
         target, met = ("-", "-") if r["target"] is None else (f"<= {r['target']:.2f}", "yes" if r["met"] else "no")
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['ratio']} | {r['value']:.2f} | {target} | {met} |")
+    profiled = [r for r in result["rows"] if r.get("profile_ms_per_step")]
+    if profiled:
+        lines += ["", "Where a step's time goes (torch.profiler, rank 0, ms per step: each op's own CPU time by kind; "
+                  "untracked = wall time no op accounts for: Python, DTensor dispatch, waiting on gloo's thread):", "",
+                  "| shape | dtype | variant | ranks | " + " | ".join(PROFILE_KINDS) + " | total |",
+                  "|" + "---|" * (len(PROFILE_KINDS) + 5)]
+        for r in profiled:
+            ms = r["profile_ms_per_step"]
+            lines.append(f"| {r['shape']} | {r['dtype']} | {label(r)} | {r['ranks']} | "
+                         + " | ".join(f"{ms[k]:.0f}" for k in PROFILE_KINDS) + f" | {sum(ms.values()):.0f} |")
     peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in result["peak_flops"].items())
     lines += ["", f"Measured matmul peak (one process, all cores): {peaks}."]
     return "\n".join(lines) + "\n"

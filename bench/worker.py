@@ -63,6 +63,53 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+PROFILE_KINDS = ("matmul", "attention", "communication", "optimizer", "other ops", "untracked")
+
+
+COMMUNICATION = ("c10d", "tp_attention::", "gloo", "wait_tensor", "allreduce", "all_reduce", "allgather",
+                 "all_gather", "reduce_scatter")
+
+
+def kind_of(names: list[str]) -> str:
+    """The kind of work an op's own time is, from its name and its callers' (`names`: the op first):
+    anything inside the optimizer step or inside a collective (its copies, its sums) counts as that."""
+    if any(n.startswith("Optimizer.step") for n in names):
+        return "optimizer"
+    if any(k in n for n in names for k in COMMUNICATION):
+        return "communication"
+    if "scaled_dot_product" in names[0] or "flash_attention" in names[0]:
+        return "attention"
+    return "matmul" if names[0].split("::")[-1] in ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation") \
+        else "other ops"
+
+
+def profile(step, steps: int = 2) -> dict[str, float]:
+    """Milliseconds per step by kind of work: the CPU self time of this thread's profiled ops, summed
+    by kind (`kind_of`); `untracked` is wall time no op accounts for (Python, DTensor's sharding
+    propagation, waiting for gloo's thread)."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with record_function("bench.step"):
+                step()
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    thread = next(e.thread for e in prof.events() if e.name == "bench.step")  # this thread (backward's too on CPU)
+    ms = dict.fromkeys(PROFILE_KINDS, 0.0)
+    for e in prof.events():
+        if e.thread != thread or e.name == "bench.step":
+            continue
+        names, parent = [e.name], e.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        ms[kind_of(names)] += e.self_cpu_time_total / 1e3 / steps
+    ms["untracked"] = max(0.0, wall_ms - sum(ms.values()))
+    return ms
+
+
 def build(variant: str, shape: str, tp_group, mesh) -> torch.nn.Module:
     layers, heads, width, seq, _ = SHAPES[shape]
     torch.manual_seed(0)
@@ -139,6 +186,7 @@ def main() -> None:
         model(x, y)
     params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
     activation_mib = sum(n for ptr, n in saved.items() if ptr not in params) / 2**20
+    profile_ms = None if args.compile else profile(step)  # inductor's fused kernels have no per-op kinds
     counter = CollectiveCounter()
     with counter:  # eager: a dispatch mode around a compiled model would make it recompile
         step(model)
@@ -151,6 +199,7 @@ def main() -> None:
         "peak_mem_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
         "collectives_per_step": dict(counter.calls), "collective_bytes_per_step": counter.bytes,
+        "profile_ms_per_step": profile_ms,
     }
     if world == 1 or dist.get_rank() == 0:
         with open(args.out, "w") as f:

@@ -77,19 +77,18 @@ class SharedMemoryCollectives:
         return [slots[r, :nbytes].view(tensor.dtype).view(tensor.shape) for r in range(self.world)]
 
     @staticmethod
-    def _reduce(parts: list[torch.Tensor], op: dist.ReduceOp) -> torch.Tensor:
-        """Sum (or max) `parts` in rank order into a new tensor."""
-        result = parts[0].clone()
-        for part in parts[1:]:
-            if op == dist.ReduceOp.MAX:
-                torch.maximum(result, part, out=result)
-            else:
-                result.add_(part)
-        return result
+    def _reduce(parts: list[torch.Tensor], op: dist.ReduceOp, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum (or max) `parts` in rank order into `out` (a new tensor if None): one pass for two ranks."""
+        combine = torch.maximum if op == dist.ReduceOp.MAX else torch.add
+        out = combine(parts[0], parts[1], out=out) if out is not None else combine(parts[0], parts[1])
+        for part in parts[2:]:
+            combine(out, part, out=out)
+        return out
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """Reduce `tensor` in place over the group and return it."""
-        return tensor.copy_(self._reduce(self._exchange(tensor, "all_reduce"), op))
+        parts = self._exchange(tensor, "all_reduce")  # `tensor` is in this rank's slot now: free to overwrite
+        return self._reduce(parts, op, out=tensor)
 
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's `tensor` concatenated along `dim`, in rank order (a new tensor)."""
