@@ -31,6 +31,11 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert set(rows[("ours_sp", 2)]["collectives_per_step"]) == {"shm_all_gather", "shm_reduce_scatter",
                                                                   "shm_all_reduce"}
     assert rows[("ours_sp", 2)]["activation_mib"] < rows[("ours", 2)]["activation_mib"]
+    for key, row in rows.items():  # the profile splits every step by kind of work
+        ms = row["profile_ms_per_step"]
+        assert set(ms) == {"matmul", "attention", "communication", "optimizer", "other ops", "untracked"}
+        assert ms["matmul"] > 0 and ms["attention"] > 0 and ms["optimizer"] > 0, key
+        assert (ms["communication"] > 0) == (key[1] > 1), key  # collectives only where there are ranks
     assert {r["ratio"] for r in result["ratios"]} == {"ours tp2 / dtensor tp2", "ours tp2 / ideal", "ours tp1 / plain",
                                                       "ours_gloo tp2 / dtensor tp2", "ours_gloo tp2 / ideal"}
     assert "| small | fp32 | ours | 2 x 1 |" in (tmp_path / "latest.md").read_text()
