@@ -109,3 +109,8 @@ def test_a_missing_peer_times_out_with_a_message():
 def test_declines_groups_it_cannot_serve():
     assert not enable_shared_memory_collectives(None)
     assert communicator_for(None, torch.ones(1)) is None
+
+
+def test_reductions_other_than_sum_and_max_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"op = .*MIN.* is not supported: use dist.ReduceOp.SUM or dist.ReduceOp.MAX"):
+        all_reduce_in_place(torch.ones(2), None, dist.ReduceOp.MIN)
