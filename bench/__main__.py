@@ -125,8 +125,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['ratio']} | {r['value']:.2f} | {target} | {met} |")
     profiled = [r for r in result["rows"] if r.get("profile_ms_per_step")]
     if profiled:
-        lines += ["", "Where a step's time goes (torch.profiler, rank 0, ms per step: each op's own CPU time by kind; "
-                  "untracked = wall time no op accounts for: Python, DTensor dispatch, waiting on gloo's thread):", "",
+        lines += ["", "Where a step's time goes (torch.profiler, rank 0, ms per step: each op's own CPU time by kind "
+                  "(on CUDA, its kernels' time); untracked = wall time no op accounts for: Python, DTensor "
+                  "dispatch, waiting on gloo's thread (on CUDA, the GPU idle)):", "",
                   "| shape | dtype | variant | ranks | " + " | ".join(PROFILE_KINDS) + " | total |",
                   "|" + "---|" * (len(PROFILE_KINDS) + 5)]
         for r in profiled:

@@ -83,15 +83,17 @@ def kind_of(names: list[str]) -> str:
         else "other ops"
 
 
-def profile(step, steps: int = 2) -> dict[str, float]:
-    """Milliseconds per step by kind of work: the CPU self time of this thread's profiled ops, summed
-    by kind (`kind_of`); `untracked` is wall time no op accounts for (Python, DTensor's sharding
-    propagation, waiting for gloo's thread)."""
+def profile(step, device: torch.device, steps: int = 2) -> dict[str, float]:
+    """Milliseconds per step by kind of work: the self time of this thread's profiled ops (on CUDA,
+    of the kernels each op launched), summed by kind (`kind_of`); `untracked` is wall time no op
+    accounts for (Python, DTensor's sharding propagation, waiting for gloo's thread; on CUDA, the
+    GPU idle)."""
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
+    cuda = device.type == "cuda"
     start = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         for _ in range(steps):
             with record_function("bench.step"):
                 step()
@@ -105,7 +107,7 @@ def profile(step, steps: int = 2) -> dict[str, float]:
         while parent is not None:
             names.append(parent.name)
             parent = parent.cpu_parent
-        ms[kind_of(names)] += e.self_cpu_time_total / 1e3 / steps
+        ms[kind_of(names)] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps
     ms["untracked"] = max(0.0, wall_ms - sum(ms.values()))
     return ms
 
@@ -186,7 +188,7 @@ def main() -> None:
         model(x, y)
     params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
     activation_mib = sum(n for ptr, n in saved.items() if ptr not in params) / 2**20
-    profile_ms = None if args.compile else profile(step)  # inductor's fused kernels have no per-op kinds
+    profile_ms = None if args.compile else profile(step, device)  # inductor's fused kernels have no per-op kinds
     counter = CollectiveCounter()
     with counter:  # eager: a dispatch mode around a compiled model would make it recompile
         step(model)
