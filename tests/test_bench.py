@@ -70,3 +70,13 @@ def test_compile_benchmark_runs(tmp_path):
     assert {(r["variant"], r["ranks"], r["compiled"]) for r in result["rows"]} == {
         (v, n, c) for v, n in (("plain", 1), ("ours", 1), ("ours", 2)) for c in (False, True)}
     assert "ours+compile tp2 / plain+compile" in {r["ratio"] for r in result["ratios"]}
+
+
+def test_collectives_benchmark_prints_gloo_and_shared_memory_times():
+    done = subprocess.run([sys.executable, "-m", "bench.collectives", "--calls", "3"],
+                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| all") or line.startswith("| reduce")]
+    assert [row.split(" | ")[0] for row in rows] == ["| all-reduce", "| all-gather", "| reduce-scatter"]
+    for row in rows:  # both timings and the speed-up are numbers
+        gloo, shared, speedup = row.strip(" |").split(" | ")[1:]
+        assert float(gloo) > 0 and float(shared) > 0 and float(speedup.rstrip("x")) > 0

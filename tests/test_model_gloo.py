@@ -14,7 +14,7 @@ from tests.test_attention_gloo import count_collectives
 from tests.test_model import CASES, FP32_TOL, check, logits_loss_grads, reference, sequence_parallel_run
 from tp_attention import full_grads, load_full_state_dict
 from tp_attention.model import GPT
-from tp_attention.shm import communicator_for, enable_shared_memory_collectives
+from tp_attention.shm import communicator, enable_shared_memory_collectives
 
 DROPOUT = dict(CASES["vocab65"], dropout=0.3)
 
@@ -22,11 +22,11 @@ DROPOUT = dict(CASES["vocab65"], dropout=0.3)
 @contextmanager
 def count_collectives_in_shared_memory(group):
     """Yields a Counter filled, on exit, with the shared-memory collectives issued inside (empty without shm)."""
-    communicator, calls = communicator_for(group, torch.ones(1)), Counter()
-    before = communicator.calls.copy() if communicator else Counter()
+    shared, calls = communicator(group), Counter()
+    before = shared.calls.copy() if shared else Counter()
     yield calls
-    if communicator:
-        calls.update(communicator.calls - before)
+    if shared:
+        calls.update(shared.calls - before)
 
 
 def on_every_rank(rank, world, cases, shared_memory=False):

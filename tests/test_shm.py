@@ -10,6 +10,7 @@ from tests.harness import run_gloo
 from tp_attention.mappings import _all_gather, _reduce_scatter, all_reduce_in_place
 from tp_attention.shm import (
     SharedMemoryCollectives,
+    communicator,
     communicator_for,
     disable_shared_memory_collectives,
     enable_shared_memory_collectives,
@@ -63,7 +64,7 @@ def gathers_and_scatters(rank, world, shared_memory):
             local, full = local.transpose(0, 2), full.transpose(0, 2)
         results.append((local, full, _all_gather(local, dim, group), _reduce_scatter(full, dim, group)))
     if shared_memory:
-        counts = dict(communicator_for(group, torch.ones(1)).calls)
+        counts = dict(communicator(group).calls)
         disable_shared_memory_collectives(group)
         return results, counts
     return results, {}
@@ -108,7 +109,7 @@ def test_a_missing_peer_times_out_with_a_message():
 
 def test_declines_groups_it_cannot_serve():
     assert not enable_shared_memory_collectives(None)
-    assert communicator_for(None, torch.ones(1)) is None
+    assert communicator(None) is None and communicator_for(None, torch.ones(1)) is None
 
 
 def test_reductions_other_than_sum_and_max_are_refused_by_name():

@@ -130,7 +130,8 @@ class _CopyToTPLinear(torch.autograd.Function):
         dy = dy.to(weight.dtype)
         dx = dy @ weight if ctx.needs_input_grad[0] else None  # (*, in)
         overlap = dx is not None and communicator_for(ctx.group, dx) is None  # shared memory: nothing to hide
-        if overlap:  # a functional collective: started now, awaited below; torch.compile traces it too
+        if overlap:  # a functional collective: started now, awaited below; torch.compile traces it, and
+            # CommDebugMode counts it (it does not count the in-place all_reduce_, which would save a copy)
             dx = torch.ops._c10d_functional.all_reduce(dx, "sum", ctx.group.group_name)
         dy2d = dy.reshape(-1, dy.size(-1))
         dw = dy2d.t() @ x.reshape(-1, x.size(-1))  # (out, in): computed while dx travels

@@ -19,15 +19,19 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
-from tp_attention.shm import SharedMemoryCollectives, communicator_for
+from tp_attention.shm import SharedMemoryCollectives, communicator, communicator_for
 
 # The shared-memory collectives are custom ops, opaque to torch.compile (it cannot trace their spin-wait);
 # the process-group ones are plain torch.distributed calls, which torch.compile and CommDebugMode understand.
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+_OP_NAMES = {op: name for name, op in _REDUCE_OPS.items()}
+# torch 2.13 renamed the tensor collectives (the old names warn); earlier versions have only the old ones
+_all_gather_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def _communicator(group_name: str) -> SharedMemoryCollectives:
-    return communicator_for(_resolve_process_group(group_name), torch.empty(0))
+    return communicator(_resolve_process_group(group_name))
 
 
 @torch.library.custom_op("tp_attention::shm_all_reduce_", mutates_args=("x",))
@@ -69,11 +73,11 @@ def all_reduce_in_place(
     Raises:
         ValueError: `op` is not SUM or MAX.
     """
-    if op not in (dist.ReduceOp.SUM, dist.ReduceOp.MAX):
+    if op not in _OP_NAMES:
         raise ValueError(f"op = {op} is not supported: use dist.ReduceOp.SUM or dist.ReduceOp.MAX")
     if tp_size(group) > 1:
         if communicator_for(group, x) is not None:
-            torch.ops.tp_attention.shm_all_reduce_(x, group.group_name, "max" if op == dist.ReduceOp.MAX else "sum")
+            torch.ops.tp_attention.shm_all_reduce_(x, group.group_name, _OP_NAMES[op])
         else:
             dist.all_reduce(x, op=op, group=group)
     return x
@@ -97,7 +101,7 @@ def _all_gather(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.
     if communicator_for(group, x) is not None:
         return torch.ops.tp_attention.shm_all_gather(x, dim, group.group_name)
     out = x.new_empty((n * x.size(0), *x.shape[1:]))  # (n * d0, ...): ranks stacked along dim 0
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather_tensor(out, x.contiguous(), group=group)
     return out if dim % x.dim() == 0 else torch.cat(out.chunk(n), dim=dim)
 
 
@@ -113,7 +117,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> to
     stacked = x.movedim(dim, 0).contiguous()  # (d, ...): the ranks' chunks along dim 0
     out = stacked.new_empty((stacked.size(0) // n, *stacked.shape[1:]))
     try:
-        dist.reduce_scatter_tensor(out, stacked, group=group)
+        _reduce_scatter_tensor(out, stacked, group=group)
     except (RuntimeError, NotImplementedError):  # backends without reduce_scatter
         out = all_reduce_in_place(stacked.clone(), group).chunk(n)[tp_rank(group)]
     return out.movedim(0, dim).contiguous()

@@ -80,7 +80,7 @@ class SharedMemoryCollectives:
     def _reduce(parts: list[torch.Tensor], op: dist.ReduceOp, out: torch.Tensor | None = None) -> torch.Tensor:
         """Sum (or max) `parts` in rank order into `out` (a new tensor if None): one pass for two ranks."""
         combine = torch.maximum if op == dist.ReduceOp.MAX else torch.add
-        out = combine(parts[0], parts[1], out=out) if out is not None else combine(parts[0], parts[1])
+        out = combine(parts[0], parts[1], out=out)
         for part in parts[2:]:
             combine(out, part, out=out)
         return out
@@ -150,7 +150,12 @@ def disable_shared_memory_collectives(group: ProcessGroup) -> None:
         communicator.close()
 
 
+def communicator(group: ProcessGroup | None) -> SharedMemoryCollectives | None:
+    """The shared-memory communicator enabled for `group`, if any."""
+    return _COMMUNICATORS.get(group) if group is not None else None
+
+
 def communicator_for(group: ProcessGroup | None, tensor: torch.Tensor) -> SharedMemoryCollectives | None:
     """The shared-memory communicator to use for `tensor` (what this rank publishes) on `group`, if any."""
-    communicator = _COMMUNICATORS.get(group) if group is not None else None
-    return communicator if communicator is not None and communicator.fits(tensor) else None
+    found = communicator(group)
+    return found if found is not None and found.fits(tensor) else None
