@@ -38,8 +38,9 @@ import torch
 from tqdm import tqdm
 
 from bench.worker import PROFILE_KINDS, SHAPES, VOCAB
-from tp_attention.flops import flops_per_token, measure_peak_flops
+from tp_attention.flops import flops_per_token
 from tp_attention.model import GPT, GPTConfig
+from train.flops import measure_peak_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {  # ratio of step times, {tp} filled in: {dtype: target}
@@ -54,16 +55,36 @@ TARGETS = {  # ratio of step times, {tp} filled in: {dtype: target}
 def run_worker(variant: str, shape: str, dtype: str, ranks: int, compiled: bool, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        worker = ["-m", "bench.worker", "--variant", variant, "--shape", shape, "--dtype", dtype,
-                  "--steps", str(args.steps), "--warmup", str(max(args.warmup, int(compiled))), "--out", str(out),
-                  *(["--compile"] if compiled else [])]
+        worker = [
+            "-m",
+            "bench.worker",
+            "--variant",
+            variant,
+            "--shape",
+            shape,
+            "--dtype",
+            dtype,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(max(args.warmup, int(compiled))),
+            "--out",
+            str(out),
+            *(["--compile"] if compiled else []),
+        ]
         env = dict(os.environ)
         if ranks == 1:
             command = [sys.executable, *worker]
             env.pop("OMP_NUM_THREADS", None)  # one process: all cores
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                       *worker]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={ranks}",
+                *worker,
+            ]
             if not torch.cuda.is_available():
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -74,8 +95,15 @@ def run_worker(variant: str, shape: str, dtype: str, ranks: int, compiled: bool,
 
 def model_flops(shape: str) -> float:
     layers, heads, width, seq, batch = SHAPES[shape]
-    cfg = GPTConfig(vocab_size=VOCAB, max_seq_len=seq, emb_size=width, num_heads=heads, head_size=width // heads,
-                    num_layers=layers, dropout=0.0)
+    cfg = GPTConfig(
+        vocab_size=VOCAB,
+        max_seq_len=seq,
+        emb_size=width,
+        num_heads=heads,
+        head_size=width // heads,
+        num_layers=layers,
+        dropout=0.0,
+    )
     return flops_per_token(cfg, GPT.from_config(cfg).num_parameters(), seq) * batch * seq
 
 
@@ -88,52 +116,79 @@ def ratios(rows: list[dict], tp: int) -> list[dict]:
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for dtype in dict.fromkeys(r["dtype"] for r in rows):
-            by = {(label(r), r["ranks"]): r["step_median_s"] for r in rows if (r["shape"], r["dtype"]) == (shape,
-                                                                                                        dtype)}
+            by = {
+                (label(r), r["ranks"]): r["step_median_s"] for r in rows if (r["shape"], r["dtype"]) == (shape, dtype)
+            }
             if ("ours", tp) not in by:
                 continue
-            values = {"ours tp{tp} / dtensor tp{tp}": ("ours", tp, "dtensor", tp),
-                      "ours tp{tp} / ideal": ("ours", tp, "plain", 1), "ours tp1 / plain": ("ours", 1, "plain", 1),
-                      "ours_gloo tp{tp} / dtensor tp{tp}": ("ours_gloo", tp, "dtensor", tp),
-                      "ours_gloo tp{tp} / ideal": ("ours_gloo", tp, "plain", 1),
-                      "plain+compile / plain": ("plain+compile", 1, "plain", 1),
-                      "ours+compile tp1 / ours tp1": ("ours+compile", 1, "ours", 1),
-                      "ours+compile tp{tp} / ours tp{tp}": ("ours+compile", tp, "ours", tp),
-                      "ours+compile tp{tp} / plain+compile": ("ours+compile", tp, "plain+compile", 1)}
+            values = {
+                "ours tp{tp} / dtensor tp{tp}": ("ours", tp, "dtensor", tp),
+                "ours tp{tp} / ideal": ("ours", tp, "plain", 1),
+                "ours tp1 / plain": ("ours", 1, "plain", 1),
+                "ours_gloo tp{tp} / dtensor tp{tp}": ("ours_gloo", tp, "dtensor", tp),
+                "ours_gloo tp{tp} / ideal": ("ours_gloo", tp, "plain", 1),
+                "plain+compile / plain": ("plain+compile", 1, "plain", 1),
+                "ours+compile tp1 / ours tp1": ("ours+compile", 1, "ours", 1),
+                "ours+compile tp{tp} / ours tp{tp}": ("ours+compile", tp, "ours", tp),
+                "ours+compile tp{tp} / plain+compile": ("ours+compile", tp, "plain+compile", 1),
+            }
             for name, (a, ranks_a, b, ranks_b) in values.items():
                 if (a, ranks_a) in by and (b, ranks_b) in by:
                     value, target = by[(a, ranks_a)] / by[(b, ranks_b)], TARGETS.get(name, {}).get(dtype)
-                    out.append({"shape": shape, "dtype": dtype, "ratio": name.format(tp=tp), "value": value,
-                                "target": target, "met": None if target is None else value <= target})
+                    out.append(
+                        {
+                            "shape": shape,
+                            "dtype": dtype,
+                            "ratio": name.format(tp=tp),
+                            "value": value,
+                            "target": target,
+                            "met": None if target is None else value <= target,
+                        }
+                    )
     return out
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}",
-             "", "| shape | dtype | variant | ranks x threads | median s | min s | first step s | tokens/s | GFLOP/s "
-             "| MFU | peak mem/rank MiB | activations/rank MiB | collectives/step | MB/step |", "|" + "---|" * 14]
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}  ",
+        f"Date: {result['date']}",
+        "",
+        "| shape | dtype | variant | ranks x threads | median s | min s | first step s | tokens/s | GFLOP/s "
+        "| MFU | peak mem/rank MiB | activations/rank MiB | collectives/step | MB/step |",
+        "|" + "---|" * 14,
+    ]
     for r in result["rows"]:
         calls = ", ".join(f"{n} {c}" for n, c in sorted(r["collectives_per_step"].items())) or "-"
-        lines.append(f"| {r['shape']} | {r['dtype']} | {label(r)} | {r['ranks']} x {r['threads']} "
-                     f"| {r['step_median_s']:.3f} | {r['step_min_s']:.3f} | {r['first_step_s']:.1f} "
-                     f"| {r['tokens_per_s']:,.0f} "
-                     f"| {r['gflops']:.1f} | {r['mfu']:.1%} | {r['peak_mem_mib']:.0f} | {r['activation_mib']:.0f} "
-                     f"| {calls} | {r['collective_bytes_per_step'] / 1e6:.1f} |")
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {label(r)} | {r['ranks']} x {r['threads']} "
+            f"| {r['step_median_s']:.3f} | {r['step_min_s']:.3f} | {r['first_step_s']:.1f} "
+            f"| {r['tokens_per_s']:,.0f} "
+            f"| {r['gflops']:.1f} | {r['mfu']:.1%} | {r['peak_mem_mib']:.0f} | {r['activation_mib']:.0f} "
+            f"| {calls} | {r['collective_bytes_per_step'] / 1e6:.1f} |"
+        )
     lines += ["", "| shape | dtype | ratio (step time) | value | target | met |", "|---|---|---|---|---|---|"]
     for r in result["ratios"]:
         target, met = ("-", "-") if r["target"] is None else (f"<= {r['target']:.2f}", "yes" if r["met"] else "no")
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['ratio']} | {r['value']:.2f} | {target} | {met} |")
     profiled = [r for r in result["rows"] if r.get("profile_ms_per_step")]
     if profiled:
-        lines += ["", "Where a step's time goes (torch.profiler, rank 0, ms per step: each op's own CPU time by kind "
-                  "(on CUDA, its kernels' time); untracked = wall time no op accounts for: Python, DTensor "
-                  "dispatch, waiting on gloo's thread (on CUDA, the GPU idle)):", "",
-                  "| shape | dtype | variant | ranks | " + " | ".join(PROFILE_KINDS) + " | total |",
-                  "|" + "---|" * (len(PROFILE_KINDS) + 5)]
+        lines += [
+            "",
+            "Where a step's time goes (torch.profiler, rank 0, ms per step: each op's own CPU time by kind "
+            "(on CUDA, its kernels' time); untracked = wall time no op accounts for: Python, DTensor "
+            "dispatch, waiting on gloo's thread (on CUDA, the GPU idle)):",
+            "",
+            "| shape | dtype | variant | ranks | " + " | ".join(PROFILE_KINDS) + " | total |",
+            "|" + "---|" * (len(PROFILE_KINDS) + 5),
+        ]
         for r in profiled:
             ms = r["profile_ms_per_step"]
-            lines.append(f"| {r['shape']} | {r['dtype']} | {label(r)} | {r['ranks']} | "
-                         + " | ".join(f"{ms[k]:.0f}" for k in PROFILE_KINDS) + f" | {sum(ms.values()):.0f} |")
+            lines.append(
+                f"| {r['shape']} | {r['dtype']} | {label(r)} | {r['ranks']} | "
+                + " | ".join(f"{ms[k]:.0f}" for k in PROFILE_KINDS)
+                + f" | {sum(ms.values()):.0f} |"
+            )
     peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in result["peak_flops"].items())
     lines += ["", f"Measured matmul peak (one process, all cores): {peaks}."]
     return "\n".join(lines) + "\n"
@@ -145,8 +200,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration; the faster is kept")
-    parser.add_argument("--compile", action="store_true",
-                        help="eager against torch.compile for plain, ours tp=1 and ours tp=N (instead of the rest)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="eager against torch.compile for plain, ours tp=1 and ours tp=N (instead of the rest)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -157,17 +215,38 @@ def main() -> None:
     shapes = ["small"] if args.quick else [s for s in SHAPES if device == "cuda" or s != "gpt2"]
     dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
     if args.compile:
-        variants = [(v, ranks, compiled) for v, ranks in [("plain", 1), ("ours", 1), *[("ours", tp) for tp in tps]]
-                    for compiled in (False, True)]
+        variants = [
+            (v, ranks, compiled)
+            for v, ranks in [("plain", 1), ("ours", 1), *[("ours", tp) for tp in tps]]
+            for compiled in (False, True)
+        ]
     else:
-        variants = [("plain", 1, False), ("ours", 1, False),
-                    *[(v, tp, False) for tp in tps for v in ("ours", "ours_sp", "ours_gloo", "dtensor")
-                      if device == "cpu" or v != "ours_gloo"]]
-    jobs = [(variant, shape, dtype, ranks, compiled) for shape in shapes for dtype in dtypes
-            for variant, ranks, compiled in variants]
+        variants = [
+            ("plain", 1, False),
+            ("ours", 1, False),
+            *[
+                (v, tp, False)
+                for tp in tps
+                for v in ("ours", "ours_sp", "ours_gloo", "dtensor")
+                if device == "cpu" or v != "ours_gloo"
+            ],
+        ]
+    jobs = [
+        (variant, shape, dtype, ranks, compiled)
+        for shape in shapes
+        for dtype in dtypes
+        for variant, ranks, compiled in variants
+    ]
     torch.set_num_threads(cores)
-    peak = {d: measure_peak_flops(device, torch.float32 if d == "fp32" else torch.bfloat16,
-                                  size=2048 if device == "cpu" else 8192, seconds=2.0) for d in dtypes}
+    peak = {
+        d: measure_peak_flops(
+            device,
+            torch.float32 if d == "fp32" else torch.bfloat16,
+            size=2048 if device == "cpu" else 8192,
+            seconds=2.0,
+        )
+        for d in dtypes
+    }
     best: dict[tuple, dict] = {}
     runs = [job for r in range(args.rounds) for job in (jobs if r % 2 == 0 else jobs[::-1])]  # ABC..CBA: drift cancels
     for job in tqdm(runs, desc="bench", unit="config"):
@@ -178,19 +257,35 @@ def main() -> None:
     for job in jobs:
         row, shape, dtype = best[job], job[1], job[2]
         flops = model_flops(shape)
-        row.update(tokens_per_s=row["tokens_per_step"] / row["step_median_s"],
-                   gflops=flops / row["step_median_s"] / 1e9, mfu=flops / row["step_median_s"] / peak[dtype])
+        row.update(
+            tokens_per_s=row["tokens_per_step"] / row["step_median_s"],
+            gflops=flops / row["step_median_s"] / 1e9,
+            mfu=flops / row["step_median_s"] / peak[dtype],
+        )
         rows.append(row)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    accelerator = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, nccl" if device == "cuda"
-                   else "gloo")
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    accelerator = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, nccl" if device == "cuda" else "gloo"
     command = "python -m bench" + (" --quick" if args.quick else "") + (" --compile" if args.compile else "")
     command += "".join(f" --{k} {getattr(args, k)}" for k, d in (("steps", 5), ("rounds", 2)) if getattr(args, k) != d)
-    result = {"command": command,
-              "machine": f"{cpu}, {cores} cores, torch {torch.__version__}, {accelerator}",
-              "date": datetime.date.today().isoformat(), "peak_flops": peak, "rows": rows,
-              "ratios": [r for tp in tps for r in ratios(rows, tp)]}
+    result = {
+        "command": command,
+        "machine": f"{cpu}, {cores} cores, torch {torch.__version__}, {accelerator}",
+        "date": datetime.date.today().isoformat(),
+        "peak_flops": peak,
+        "rows": rows,
+        "ratios": [r for tp in tps for r in ratios(rows, tp)],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "compile" if args.compile else "latest"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))

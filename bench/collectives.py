@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tp_attention.mappings import _all_gather, _reduce_scatter, all_reduce_in_place
-from tp_attention.shm import disable_shared_memory_collectives, enable_shared_memory_collectives
+from tp_attention.shm import with_shared_memory
 
 COLLECTIVES = {
     "all-reduce": lambda x, group: all_reduce_in_place(x, group),
@@ -44,19 +44,19 @@ def worker(rank: int, ranks: int, init_file: str, shape: list[int], calls: int) 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks)
     group = dist.group.WORLD
+    shared_group = with_shared_memory(group)
     x = torch.randn(shape)
     rows = []
     for name, collective in COLLECTIVES.items():
         gloo = time_calls(lambda collective=collective: collective(x, group), calls)
-        enable_shared_memory_collectives(group)
-        shared = time_calls(lambda collective=collective: collective(x, group), calls)
-        disable_shared_memory_collectives(group)
+        shared = time_calls(lambda collective=collective: collective(x, shared_group), calls)
         rows.append(f"| {name} | {gloo:.2f} | {shared:.2f} | {gloo / shared:.1f}x |")
     if rank == 0:
         megabytes = x.numel() * x.element_size() / 1e6
         print(f"{ranks} ranks, fp32 tensor {tuple(shape)} ({megabytes:.1f} MB), {calls} calls each\n")
         print("| collective | gloo ms | shared memory ms | speed-up |\n|---|---|---|---|")
         print("\n".join(rows))
+    shared_group.shared_memory.close()
     dist.destroy_process_group()
 
 

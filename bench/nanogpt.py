@@ -63,16 +63,27 @@ class Block(nn.Module):
 
 
 class NanoGPT(nn.Module):
-    def __init__(self, vocab_size: int, block_size: int, n_embd: int, n_head: int, n_layer: int,
-                 dropout: float = 0.0, bias: bool = True, split_qkv: bool = False) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_embd: int,
+        n_head: int,
+        n_layer: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        split_qkv: bool = False,
+    ) -> None:
         super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            drop=nn.Dropout(dropout),
-            h=nn.ModuleList(Block(n_embd, n_head, dropout, bias, split_qkv) for _ in range(n_layer)),
-            ln_f=nn.LayerNorm(n_embd, bias=bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab_size, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                drop=nn.Dropout(dropout),
+                h=nn.ModuleList(Block(n_embd, n_head, dropout, bias, split_qkv) for _ in range(n_layer)),
+                ln_f=nn.LayerNorm(n_embd, bias=bias),
+            )
+        )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied
         self.apply(self._init_weights)
@@ -114,9 +125,16 @@ def parallelize_with_dtensor(model: NanoGPT, tp_mesh) -> NanoGPT:
     )
 
     prepare = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
-    plan = {"attn": prepare, "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
-            "attn.c_proj": RowwiseParallel(), "mlp": prepare, "mlp.c_fc": ColwiseParallel(),
-            "mlp.c_proj": RowwiseParallel()}
+    plan = {
+        "attn": prepare,
+        "attn.q": ColwiseParallel(),
+        "attn.k": ColwiseParallel(),
+        "attn.v": ColwiseParallel(),
+        "attn.c_proj": RowwiseParallel(),
+        "mlp": prepare,
+        "mlp.c_fc": ColwiseParallel(),
+        "mlp.c_proj": RowwiseParallel(),
+    }
     for block in model.transformer.h:
         parallelize_module(block, tp_mesh, plan)
     return model

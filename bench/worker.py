@@ -30,7 +30,6 @@ from bench.nanogpt import NanoGPT, parallelize_with_dtensor
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
-from tp_attention.shm import enable_shared_memory_collectives
 
 SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
@@ -38,10 +37,17 @@ SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "gpt2": (12, 12, 768, 1024, 8),  # GPT-2 124M (GPU only)
 }
 VOCAB = 256
-COLLECTIVES = {"allreduce": "all_reduce", "allgather": "all_gather", "allgatherbase": "all_gather",
-               "allgatherintotensor": "all_gather", "reducescatter": "reduce_scatter",
-               "reducescatterbase": "reduce_scatter", "reducescattertensor": "reduce_scatter",
-               "broadcast": "broadcast", "alltoall": "all_to_all"}  # op names without "_" -> one name
+COLLECTIVES = {
+    "allreduce": "all_reduce",
+    "allgather": "all_gather",
+    "allgatherbase": "all_gather",
+    "allgatherintotensor": "all_gather",
+    "reducescatter": "reduce_scatter",
+    "reducescatterbase": "reduce_scatter",
+    "reducescattertensor": "reduce_scatter",
+    "broadcast": "broadcast",
+    "alltoall": "all_to_all",
+}  # op names without "_" -> one name
 
 
 class CollectiveCounter(TorchDispatchMode):
@@ -66,8 +72,17 @@ class CollectiveCounter(TorchDispatchMode):
 PROFILE_KINDS = ("matmul", "attention", "communication", "optimizer", "other ops", "untracked")
 
 
-COMMUNICATION = ("c10d", "tp_attention::", "gloo", "wait_tensor", "allreduce", "all_reduce", "allgather",
-                 "all_gather", "reduce_scatter")
+COMMUNICATION = (
+    "c10d",
+    "tp_attention::",
+    "gloo",
+    "wait_tensor",
+    "allreduce",
+    "all_reduce",
+    "allgather",
+    "all_gather",
+    "reduce_scatter",
+)
 
 
 def kind_of(names: list[str]) -> str:
@@ -79,8 +94,9 @@ def kind_of(names: list[str]) -> str:
         return "communication"
     if "scaled_dot_product" in names[0] or "flash_attention" in names[0]:
         return "attention"
-    return "matmul" if names[0].split("::")[-1] in ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation") \
-        else "other ops"
+    return (
+        "matmul" if names[0].split("::")[-1] in ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation") else "other ops"
+    )
 
 
 def profile(step, device: torch.device, steps: int = 2) -> dict[str, float]:
@@ -112,13 +128,20 @@ def profile(step, device: torch.device, steps: int = 2) -> dict[str, float]:
     return ms
 
 
-def build(variant: str, shape: str, tp_group, mesh) -> torch.nn.Module:
+def build(variant: str, shape: str, tp_group, mesh, sequence_parallel: bool) -> torch.nn.Module:
     layers, heads, width, seq, _ = SHAPES[shape]
     torch.manual_seed(0)
     if variant in ("ours", "ours_sp", "ours_gloo"):
-        cfg = GPTConfig(vocab_size=VOCAB, max_seq_len=seq, emb_size=width, num_heads=heads, head_size=width // heads,
-                        num_layers=layers, dropout=0.0)
-        return GPT.from_config(cfg, tp_group=tp_group)
+        cfg = GPTConfig(
+            vocab_size=VOCAB,
+            max_seq_len=seq,
+            emb_size=width,
+            num_heads=heads,
+            head_size=width // heads,
+            num_layers=layers,
+            dropout=0.0,
+        )
+        return GPT.from_config(cfg, tp_group=tp_group, sequence_parallel=sequence_parallel)
     model = NanoGPT(VOCAB, seq, width, heads, layers, split_qkv=variant == "dtensor")
     return parallelize_with_dtensor(model, mesh["tp"]) if variant == "dtensor" else model
 
@@ -139,14 +162,11 @@ def main() -> None:
     device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if args.device == "cuda" else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    groups = init_parallel_groups(tp=world, device_type=device.type) if world > 1 else None
+    shared_memory = args.variant in ("ours", "ours_sp") and device.type == "cpu"  # same-host TP collectives
+    groups = init_parallel_groups(world, device.type, shared_memory=shared_memory) if world > 1 else None
     tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
-    if args.variant in ("ours", "ours_sp") and device.type == "cpu":  # same-host TP collectives in shared memory
-        enable_shared_memory_collectives(tp_group)
-    model = build(args.variant, args.shape, tp_group, mesh).to(device)
     sequence_parallel = args.variant == "ours_sp"
-    if sequence_parallel:
-        model.sequence_parallel = True
+    model = build(args.variant, args.shape, tp_group, mesh, sequence_parallel).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     forward = torch.compile(model) if args.compile else model
     _, _, _, seq, batch = SHAPES[args.shape]
@@ -173,7 +193,7 @@ def main() -> None:
         step()
         times.append(time.perf_counter() - start)
     first_step_s = times[0]
-    times = torch.tensor(times[args.warmup:], device=device)
+    times = torch.tensor(times[args.warmup :], device=device)
     if world > 1:  # the step ends when the slowest rank ends
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
     saved: dict[int, int] = {}  # activation memory: bytes of the tensors autograd saves in one forward
@@ -193,14 +213,26 @@ def main() -> None:
     with counter:  # eager: a dispatch mode around a compiled model would make it recompile
         step(model)
     result = {
-        "variant": args.variant, "shape": args.shape, "dtype": args.dtype, "ranks": world, "compiled": args.compile,
+        "variant": args.variant,
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "ranks": world,
+        "compiled": args.compile,
         "first_step_s": first_step_s,
-        "threads": torch.get_num_threads(), "device": device.type, "activation_mib": activation_mib,
+        "threads": torch.get_num_threads(),
+        "device": device.type,
+        "activation_mib": activation_mib,
         "step_median_s": statistics.median(times.tolist()),
-        "step_min_s": min(times.tolist()), "tokens_per_step": batch * seq,
-        "peak_mem_mib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-        "collectives_per_step": dict(counter.calls), "collective_bytes_per_step": counter.bytes,
+        "step_min_s": min(times.tolist()),
+        "tokens_per_step": batch * seq,
+        "peak_mem_mib": (
+            torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        / 2**20,
+        "collectives_per_step": dict(counter.calls),
+        "collective_bytes_per_step": counter.bytes,
         "profile_ms_per_step": profile_ms,
     }
     if world == 1 or dist.get_rank() == 0:

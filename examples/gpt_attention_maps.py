@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from tp_attention.model import GPT, GPTConfig
-from tp_attention.plots import save_attention_grid
-from tp_attention.tokenizer import ByteTokenizer, load_tokenizer
+from train.plots import save_attention_grid
+from train.tokenizer import ByteTokenizer, load_tokenizer
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     else:
         torch.manual_seed(0)
         model, tokenizer = GPT.from_config(GPTConfig(), tp_group=group), ByteTokenizer()
-    ids = tokenizer.encode(args.prompt)[-model.config.max_seq_len:]
+    ids = tokenizer.encode(args.prompt)[-model.config.max_seq_len :]
     maps = model.eval().attention_maps(torch.tensor([ids]))[:, 0]  # (L, H, T, T)
     if group is None or dist.get_rank() == 0:
         labels = [tokenizer.decode([i]) for i in ids]

@@ -18,9 +18,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tp=2 needs two cores")
 def test_quick_benchmark_writes_results(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench", "--quick", "--steps", "1", "--warmup", "0", "--rounds", "1",
-                    "--out", str(tmp_path)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     result = json.loads((tmp_path / "latest.json").read_text())
     variants = {(r["variant"], r["ranks"]) for r in result["rows"]}
     assert variants == {("plain", 1), ("ours", 1), ("ours", 2), ("ours_sp", 2), ("ours_gloo", 2), ("dtensor", 2)}
@@ -28,16 +45,24 @@ def test_quick_benchmark_writes_results(tmp_path):
     per_step = 6 * 4 + 4  # 4 per layer + embedding, LM head, 2 for the loss
     assert rows[("ours_gloo", 2)]["collectives_per_step"] == {"all_reduce": per_step}
     assert rows[("ours", 2)]["collectives_per_step"] == {"shm_all_reduce": per_step}
-    assert set(rows[("ours_sp", 2)]["collectives_per_step"]) == {"shm_all_gather", "shm_reduce_scatter",
-                                                                  "shm_all_reduce"}
+    assert set(rows[("ours_sp", 2)]["collectives_per_step"]) == {
+        "shm_all_gather",
+        "shm_reduce_scatter",
+        "shm_all_reduce",
+    }
     assert rows[("ours_sp", 2)]["activation_mib"] < rows[("ours", 2)]["activation_mib"]
     for key, row in rows.items():  # the profile splits every step by kind of work
         ms = row["profile_ms_per_step"]
         assert set(ms) == {"matmul", "attention", "communication", "optimizer", "other ops", "untracked"}
         assert ms["matmul"] > 0 and ms["attention"] > 0 and ms["optimizer"] > 0, key
         assert (ms["communication"] > 0) == (key[1] > 1), key  # collectives only where there are ranks
-    assert {r["ratio"] for r in result["ratios"]} == {"ours tp2 / dtensor tp2", "ours tp2 / ideal", "ours tp1 / plain",
-                                                      "ours_gloo tp2 / dtensor tp2", "ours_gloo tp2 / ideal"}
+    assert {r["ratio"] for r in result["ratios"]} == {
+        "ours tp2 / dtensor tp2",
+        "ours tp2 / ideal",
+        "ours tp1 / plain",
+        "ours_gloo tp2 / dtensor tp2",
+        "ours_gloo tp2 / ideal",
+    }
     assert "| small | fp32 | ours | 2 x 1 |" in (tmp_path / "latest.md").read_text()
 
 
@@ -45,36 +70,88 @@ def test_compiled_rows_get_their_own_ratios_and_label():
     from bench.__main__ import markdown, ratios
 
     def row(variant, ranks, compiled, seconds):
-        return {"variant": variant, "shape": "small", "dtype": "fp32", "ranks": ranks, "threads": 1,
-                "compiled": compiled, "step_median_s": seconds, "step_min_s": seconds, "first_step_s": 20.0,
-                "tokens_per_s": 1.0, "gflops": 1.0, "mfu": 0.5, "peak_mem_mib": 1.0, "activation_mib": 1.0,
-                "collectives_per_step": {}, "collective_bytes_per_step": 0}
+        return {
+            "variant": variant,
+            "shape": "small",
+            "dtype": "fp32",
+            "ranks": ranks,
+            "threads": 1,
+            "compiled": compiled,
+            "step_median_s": seconds,
+            "step_min_s": seconds,
+            "first_step_s": 20.0,
+            "tokens_per_s": 1.0,
+            "gflops": 1.0,
+            "mfu": 0.5,
+            "peak_mem_mib": 1.0,
+            "activation_mib": 1.0,
+            "collectives_per_step": {},
+            "collective_bytes_per_step": 0,
+        }
 
-    rows = [row("plain", 1, False, 1.0), row("plain", 1, True, 0.8), row("ours", 1, False, 1.0),
-            row("ours", 1, True, 0.9), row("ours", 2, False, 1.1), row("ours", 2, True, 0.88)]
+    rows = [
+        row("plain", 1, False, 1.0),
+        row("plain", 1, True, 0.8),
+        row("ours", 1, False, 1.0),
+        row("ours", 1, True, 0.9),
+        row("ours", 2, False, 1.1),
+        row("ours", 2, True, 0.88),
+    ]
     values = {r["ratio"]: (round(r["value"], 3), r["target"]) for r in ratios(rows, 2)}
-    assert values == {"ours tp2 / ideal": (1.1, 1.10), "ours tp1 / plain": (1.0, 1.00),
-                      "plain+compile / plain": (0.8, None), "ours+compile tp1 / ours tp1": (0.9, None),
-                      "ours+compile tp2 / ours tp2": (0.8, None), "ours+compile tp2 / plain+compile": (1.1, None)}
-    table = markdown({"command": "c", "machine": "m", "date": "d", "peak_flops": {}, "rows": rows,
-                      "ratios": ratios(rows, 2)})
+    assert values == {
+        "ours tp2 / ideal": (1.1, 1.10),
+        "ours tp1 / plain": (1.0, 1.00),
+        "plain+compile / plain": (0.8, None),
+        "ours+compile tp1 / ours tp1": (0.9, None),
+        "ours+compile tp2 / ours tp2": (0.8, None),
+        "ours+compile tp2 / plain+compile": (1.1, None),
+    }
+    table = markdown(
+        {"command": "c", "machine": "m", "date": "d", "peak_flops": {}, "rows": rows, "ratios": ratios(rows, 2)}
+    )
     assert "| small | fp32 | ours+compile | 2 x 1 | 0.880 | 0.880 | 20.0 |" in table
     assert "| small | fp32 | ours+compile tp2 / plain+compile | 1.10 | - | - |" in table
 
 
 @pytest.mark.slow
 def test_compile_benchmark_runs(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench", "--quick", "--compile", "--steps", "1", "--warmup", "0",
-                    "--rounds", "1", "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--compile",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     result = json.loads((tmp_path / "compile.json").read_text())
     assert {(r["variant"], r["ranks"], r["compiled"]) for r in result["rows"]} == {
-        (v, n, c) for v, n in (("plain", 1), ("ours", 1), ("ours", 2)) for c in (False, True)}
+        (v, n, c) for v, n in (("plain", 1), ("ours", 1), ("ours", 2)) for c in (False, True)
+    }
     assert "ours+compile tp2 / plain+compile" in {r["ratio"] for r in result["ratios"]}
 
 
 def test_collectives_benchmark_prints_gloo_and_shared_memory_times():
-    done = subprocess.run([sys.executable, "-m", "bench.collectives", "--calls", "3"],
-                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.collectives", "--calls", "3"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     rows = [line for line in done.stdout.splitlines() if line.startswith("| all") or line.startswith("| reduce")]
     assert [row.split(" | ")[0] for row in rows] == ["| all-reduce", "| all-gather", "| reduce-scatter"]
     for row in rows:  # both timings and the speed-up are numbers

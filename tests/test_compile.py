@@ -8,26 +8,30 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.harness import assert_rel_close, run_gloo
-from tests.test_model import CASES, FP32_TOL
+from tests.helpers import CASES, FP32
 from tp_attention import full_grads
 from tp_attention.model import GPT
-from tp_attention.shm import enable_shared_memory_collectives
+from tp_attention.shm import with_shared_memory
+from tp_attention.testing import assert_close, run_processes
 
 CFG = dict(CASES["vocab65"], max_seq_len=16)
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, CFG["vocab_size"], (2, 12), generator=gen),
-            torch.randint(0, CFG["vocab_size"], (2, 12), generator=gen))
+    return (
+        torch.randint(0, CFG["vocab_size"], (2, 12), generator=gen),
+        torch.randint(0, CFG["vocab_size"], (2, 12), generator=gen),
+    )
 
 
 def eager_and_compiled(model: GPT, backend: str) -> dict:
     """Graph breaks inside block 0, then loss and full gradients eager and compiled."""
     idx, targets = batch()
-    tokens = idx.size(1) // (dist.get_world_size(model.tp_group) if model.sequence_parallel else 1)
-    explained = torch._dynamo.explain(model._decoders[0])(torch.randn(2, tokens, CFG["emb_size"], requires_grad=True))
+    sp = model.sequence_parallel
+    tokens = idx.size(1) // (dist.get_world_size() if sp else 1)
+    x = torch.randn(2, tokens, CFG["emb_size"], requires_grad=True)
+    explained = torch._dynamo.explain(model._decoders[0])(x, None, sp)
     out = {"block_graph_breaks": explained.graph_break_count, "block_graphs": explained.graph_count}
     for name, run in (("eager", model), ("compiled", torch.compile(model, backend=backend))):
         model.zero_grad()
@@ -39,13 +43,12 @@ def eager_and_compiled(model: GPT, backend: str) -> dict:
 
 
 def on_every_rank(rank, world, shared_memory):
-    group = dist.group.WORLD
-    if shared_memory:
-        assert enable_shared_memory_collectives(group)
+    group = with_shared_memory(dist.group.WORLD) if shared_memory else dist.group.WORLD
     results = []
     for sequence_parallel in (False, True):
-        model = GPT(**CFG, tp_group=group, generator=torch.Generator().manual_seed(0))
-        model.sequence_parallel = sequence_parallel
+        model = GPT(
+            **CFG, tp_group=group, generator=torch.Generator().manual_seed(0), sequence_parallel=sequence_parallel
+        )
         results.append(eager_and_compiled(model, "aot_eager"))  # AOTAutograd: fake kernels, functionalization
     return results
 
@@ -53,14 +56,14 @@ def on_every_rank(rank, world, shared_memory):
 def assert_same(result: dict) -> None:
     assert (result["block_graph_breaks"], result["block_graphs"]) == (0, 1)
     loss, grads = result["eager"]
-    assert_rel_close(result["compiled"][0], loss, FP32_TOL, "compiled loss")
+    assert_close(result["compiled"][0], loss, **FP32, what="compiled loss")
     for name in grads:
-        assert_rel_close(result["compiled"][1][name], grads[name], FP32_TOL, f"compiled grad of {name}")
+        assert_close(result["compiled"][1][name], grads[name], **FP32, what=f"compiled grad of {name}")
 
 
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shm"])
 def test_a_block_compiles_without_graph_breaks_at_tp2(shared_memory):
-    for rank_results in run_gloo(2, on_every_rank, shared_memory):
+    for rank_results in run_processes(2, on_every_rank, shared_memory):
         for result in rank_results:  # sequence parallel off, on
             assert_same(result)
 

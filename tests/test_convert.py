@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bench.nanogpt import NanoGPT
-from tests.harness import assert_rel_close
 from tp_attention.convert import from_nanogpt, to_nanogpt
 from tp_attention.model import GPT, GPTConfig
+from tp_attention.testing import assert_close
 
 CFG = GPTConfig(vocab_size=70, max_seq_len=16, emb_size=32, num_heads=4, head_size=8, num_layers=2, dropout=0.0)
 
@@ -19,8 +19,8 @@ def test_exported_weights_run_in_plain_nanogpt():
     plain.load_state_dict(to_nanogpt(ours.state_dict(), CFG))
     idx = torch.randint(0, 70, (2, 12))
     with torch.no_grad():
-        assert_rel_close(plain(idx), ours(idx), 1e-5, "nanoGPT logits vs ours")
-        assert_rel_close(plain(idx, idx), ours(idx, idx), 1e-5, "loss")
+        assert_close(plain(idx), ours(idx), rtol=1e-5, atol=1e-6, what="nanoGPT logits vs ours")
+        assert_close(plain(idx, idx), ours(idx, idx), rtol=1e-5, atol=1e-6, what="loss")
 
 
 def test_import_from_nanogpt_round_trips():

@@ -16,9 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_example_writes_a_png(script, ranks, tmp_path):
     out = tmp_path / "maps.png"
-    launcher = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    launcher = (
+        [sys.executable]
+        if ranks == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([*launcher, str(ROOT / "examples" / script), "--out", str(out)],
-                   check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300)
+    subprocess.run(
+        [*launcher, str(ROOT / "examples" / script), "--out", str(out)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tests.harness import assert_rel_close, run_threaded
 from tp_attention import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -23,6 +22,7 @@ from tp_attention import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
+from tp_attention.testing import assert_close, run_threaded
 
 
 def per_rank_input(rank: int, shape=(2, 4, 8)) -> torch.Tensor:
@@ -32,8 +32,14 @@ def per_rank_input(rank: int, shape=(2, 4, 8)) -> torch.Tensor:
 def apply_op(rank, world, name):
     """Run one operator on a rank-dependent input; backward a rank-dependent upstream gradient."""
     group = dist.group.WORLD
-    op = {"copy": copy_to_tp, "reduce": reduce_from_tp, "scatter": scatter_to_tp, "gather": gather_from_tp,
-          "gather_sp": gather_from_sp, "reduce_scatter_sp": reduce_scatter_to_sp}[name]
+    op = {
+        "copy": copy_to_tp,
+        "reduce": reduce_from_tp,
+        "scatter": scatter_to_tp,
+        "gather": gather_from_tp,
+        "gather_sp": gather_from_sp,
+        "reduce_scatter_sp": reduce_scatter_to_sp,
+    }[name]
     x = per_rank_input(rank)
     y = op(x.clone(), group)
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(100 + rank))
@@ -69,15 +75,19 @@ def test_operators_match_their_definition(name, world):
         assert torch.allclose(dx, expected_dx, atol=1e-6), f"{name} backward, rank {r}"
 
 
-def test_reduce_scatter_falls_back_to_all_reduce(monkeypatch):
-    def unsupported(*args, **kwargs):
-        raise RuntimeError("reduce_scatter is not supported by this backend")
+@pytest.mark.parametrize("world", [2, 4])
+def test_reduce_scatter_falls_back_to_all_reduce(monkeypatch, world):
+    """A backend without the tensor reduce-scatter gets all-reduce + this rank's chunk (the same sums)."""
 
-    monkeypatch.setattr(mappings.dist, "reduce_scatter", unsupported)
-    results = run_threaded(2, apply_op, "reduce_scatter_sp")
-    total = per_rank_input(0).detach() + per_rank_input(1).detach()
+    def must_not_be_called(*args, **kwargs):
+        raise AssertionError("the tensor reduce-scatter was called on a backend said not to have it")
+
+    monkeypatch.setattr(mappings, "REDUCE_SCATTER_BACKENDS", set())
+    monkeypatch.setattr(mappings, "_reduce_scatter_tensor", must_not_be_called)
+    results = run_threaded(world, apply_op, "reduce_scatter_sp")
+    xs = [per_rank_input(r).detach() for r in range(world)]
     for r, (y, _, _) in enumerate(results):
-        assert torch.allclose(y, total.chunk(2, 1)[r], atol=1e-6)
+        assert_close(y, sum(xs).chunk(world, 1)[r], rtol=1e-6, atol=1e-6, what=f"rank {r}")
 
 
 def test_operators_are_identity_without_a_group():
@@ -123,8 +133,11 @@ def test_default_init_matches_nn_linear_distribution():
 def linear_case(rank, world, kind, state, x, grad_out, gen_seed):
     group = dist.group.WORLD
     gen = torch.Generator().manual_seed(gen_seed)
-    layer = (ColumnParallelLinear(8, 12, tp_group=group, gather_output=True, generator=gen) if kind == "column"
-             else RowParallelLinear(8, 12, tp_group=group, input_is_parallel=False, generator=gen))
+    layer = (
+        ColumnParallelLinear(8, 12, tp_group=group, gather_output=True, generator=gen)
+        if kind == "column"
+        else RowParallelLinear(8, 12, tp_group=group, input_is_parallel=False, generator=gen)
+    )
     full_init = full_state_dict(layer)
     load_full_state_dict(layer, state)
     x = x.clone().requires_grad_()
@@ -137,16 +150,17 @@ def linear_case(rank, world, kind, state, x, grad_out, gen_seed):
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_parallel_linears_equal_nn_linear(kind, world):
     linear = (ColumnParallelLinear if kind == "column" else RowParallelLinear)(
-        8, 12, generator=torch.Generator().manual_seed(3))
+        8, 12, generator=torch.Generator().manual_seed(3)
+    )
     x, grad_out = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
     xr = x.clone().requires_grad_()
     linear(xr).backward(grad_out)
     for init, y, dx, grads in run_threaded(world, linear_case, kind, linear.state_dict(), x, grad_out, 3):
         assert all(torch.equal(init[n], t) for n, t in linear.state_dict().items()), "init depends on tp"
-        assert_rel_close(y, linear(x).detach(), 1e-6, "output")
-        assert_rel_close(dx, xr.grad, 1e-6, "input grad")
+        assert_close(y, linear(x).detach(), rtol=1e-6, atol=1e-6, what="output")
+        assert_close(dx, xr.grad, rtol=1e-6, atol=1e-6, what="input grad")
         for name, p in linear.named_parameters():
-            assert_rel_close(grads[name], p.grad, 1e-6, name)
+            assert_close(grads[name], p.grad, rtol=1e-6, atol=1e-6, what=name)
 
 
 def test_row_bias_is_added_once():
@@ -163,10 +177,12 @@ def test_row_bias_is_added_once():
 
 @pytest.mark.parametrize(
     "build,message",
-    [(lambda g: ColumnParallelLinear(8, 10, tp_group=g), r"out_features = 10 must be divisible .* = 4"),
-     (lambda g: RowParallelLinear(6, 8, tp_group=g), r"in_features = 6 must be divisible by tp_size = 4"),
-     (lambda g: ColumnParallelLinear(8, 12, tp_group=g, num_shards=3), r"num_shards = 3 must divide tp_size = 4"),
-     (lambda g: ColumnParallelLinear(8, 12, tp_group=g, num_shards=2, gather_output=True), r"gather_output")],
+    [
+        (lambda g: ColumnParallelLinear(8, 10, tp_group=g), r"out_features = 10 must be divisible .* = 4"),
+        (lambda g: RowParallelLinear(6, 8, tp_group=g), r"in_features = 6 must be divisible by tp_size = 4"),
+        (lambda g: ColumnParallelLinear(8, 12, tp_group=g, num_shards=3), r"num_shards = 3 must divide tp_size = 4"),
+        (lambda g: ColumnParallelLinear(8, 12, tp_group=g, num_shards=2, gather_output=True), r"gather_output"),
+    ],
 )
 def test_indivisible_sizes_name_both_numbers(build, message):
     def run(rank, world):
@@ -198,6 +214,7 @@ def test_mesh_helper_rejects_a_tp_that_does_not_divide_the_world():
 
 def test_threaded_process_group_sums_across_threads():
     """Pins the private threaded backend the single-process tests stand on."""
+
     def run(rank, world):
         t = torch.tensor([float(rank)])
         dist.all_reduce(t)

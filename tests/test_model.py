@@ -7,70 +7,35 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.harness import assert_rel_close, run_gloo, run_threaded
+from tests.helpers import BF16, CASES, FP32, TINY_GPT, gpt_batch, logits_and_loss, spiky
 from tp_attention import full_grads, full_state_dict, load_full_state_dict
 from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
+from tp_attention.testing import assert_close, assert_tp_equivalent, run_threaded
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
-FP32_TOL = 1e-5
-BF16_TOL = 3e-2  # bf16 weights and activations; sharded sums are added in another order
-TINY = dict(vocab_size=64, max_seq_len=16, emb_size=32, num_heads=4, head_size=8, num_layers=2, dropout=0.0)
-CASES = {
-    "base": TINY,
-    "vocab65": dict(TINY, vocab_size=65),
-    "gqa": dict(TINY, num_kv_heads=2, vocab_size=65),
-    "mqa-untied-nobias": dict(TINY, num_kv_heads=1, tie_embeddings=False, bias=False),
-}
+LOGITS = dict(rtol=1e-5, atol=1e-5)  # logits of the spiky models reach ~10: fp32 sums leave ~1e-6 on small ones
 
 
-def reference(cfg: dict, seed: int = 0, batch: int = 3, seq: int = 11):
-    gen = torch.Generator().manual_seed(seed)
-    model = GPT(**cfg, generator=gen)
-    idx = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen)
-    targets = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen)
-    targets[0, :3] = -100
-    return model, idx, targets
+def assert_gpt_equivalent(cfg: dict, tp_sizes, seq: int = 11, dtype=torch.float32, sequence_parallel=False, **tol):
+    """Logits, loss and every full gradient equal the unsharded model's at each tp."""
+    idx, targets = gpt_batch(cfg, seq=seq)
 
+    def build(group):
+        model = GPT(**cfg, tp_group=group, generator=torch.Generator(), sequence_parallel=sequence_parallel)
+        return model.to(dtype)
 
-def logits_loss_grads(model: GPT, idx, targets):
-    logits = model(idx).detach()
-    model.zero_grad()
-    loss = model(idx, targets)
-    loss.backward()
-    return logits, loss.detach(), full_grads(model)
-
-
-def sharded_run(rank, world, cfg, state, idx, targets, dtype=torch.float32):
-    model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator()).to(dtype)
-    load_full_state_dict(model, state)
-    return logits_loss_grads(model, idx, targets)
-
-
-def check(results, ref, idx, targets, tol=FP32_TOL):
-    logits, loss, grads = logits_loss_grads(ref, idx, targets)
-    for r_logits, r_loss, r_grads in results:
-        assert_rel_close(r_logits, logits, tol, "logits")
-        assert_rel_close(r_loss, loss, tol, "loss")
-        assert r_grads.keys() == grads.keys()
-        for name in grads:
-            assert_rel_close(r_grads[name], grads[name], tol, f"grad of {name}")
+    sync = (lambda model: sync_replicated_grads(model, model.tp_group)) if sequence_parallel else None
+    assert_tp_equivalent(build, (idx, targets), tp_sizes, forward=logits_and_loss, after_backward=sync, **(tol or FP32))
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_sharded_gpt_equals_unsharded(case, tp):
-    cfg = CASES[case]  # "gqa" at tp=4 replicates each of its two KV heads on two ranks
-    ref, idx, targets = reference(cfg)
-    runner = run_gloo if tp == 1 else run_threaded
-    check(runner(tp, sharded_run, cfg, ref.state_dict(), idx, targets), ref, idx, targets)
+def test_sharded_gpt_equals_unsharded(case):
+    assert_gpt_equivalent(CASES[case], (1, 2, 4))  # "gqa" at tp=4 replicates each of its two KV heads on two ranks
 
 
 def test_bf16_sharded_gpt_matches_unsharded():
-    ref, idx, targets = reference(CASES["vocab65"])
-    ref = ref.to(torch.bfloat16)
-    results = run_threaded(2, sharded_run, CASES["vocab65"], ref.state_dict(), idx, targets, torch.bfloat16)
-    check(results, ref, idx, targets, tol=BF16_TOL)
+    assert_gpt_equivalent(CASES["vocab65"], (2,), dtype=torch.bfloat16, **BF16)
 
 
 def sharded_cross_entropy(rank, world, vocab, full_logits, target, ignore_index):
@@ -97,10 +62,9 @@ def test_vocab_parallel_cross_entropy_equals_f_cross_entropy(tp, ignore, vocab):
     full = logits.clone().requires_grad_()
     expected = F.cross_entropy(full.view(-1, vocab), target.view(-1), ignore_index=-100)
     expected.backward()
-    runner = run_gloo if tp == 1 else run_threaded
-    for loss, grad, (lo, hi) in runner(tp, sharded_cross_entropy, vocab, logits, target, -100):
-        assert_rel_close(loss, expected.detach(), FP32_TOL, "loss")
-        assert_rel_close(grad, full.grad[..., lo:hi], FP32_TOL, "grad of logits")
+    for loss, grad, (lo, hi) in run_threaded(tp, sharded_cross_entropy, vocab, logits, target, -100):
+        assert_close(loss, expected.detach(), **FP32, what="loss")
+        assert_close(grad, full.grad[..., lo:hi], **FP32, what="grad of logits")
 
 
 def test_vocab_parallel_cross_entropy_of_all_ignored_is_nan_like_torch():
@@ -122,8 +86,15 @@ def test_initialisation_does_not_depend_on_tp():
 
 
 def test_nanogpt_style_initialisation():
-    model = GPT(vocab_size=512, max_seq_len=64, emb_size=256, num_heads=4, head_size=64, num_layers=8,
-                generator=torch.Generator().manual_seed(0))
+    model = GPT(
+        vocab_size=512,
+        max_seq_len=64,
+        emb_size=256,
+        num_heads=4,
+        head_size=64,
+        num_layers=8,
+        generator=torch.Generator().manual_seed(0),
+    )
     block = model._decoders[0]
     assert abs(model._token_embeddings.weight.std().item() - 0.02) < 1e-3
     assert abs(block._heads._q.weight.std().item() - 0.02) < 1e-3
@@ -134,23 +105,20 @@ def test_nanogpt_style_initialisation():
     assert torch.all(block._heads._q.bias == 0) and torch.all(block._ff._down.bias == 0)
 
 
-def spiky(cfg: dict, seed: int = 1) -> GPT:
-    """A model with large random weights, so greedy decoding does not repeat one token."""
-    model = GPT(**cfg, generator=torch.Generator().manual_seed(seed))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
-
-
 def generate_both_ways(rank, world, cfg, state, prompt):
     model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator())
     load_full_state_dict(model, state)
     with_cache = model.generate(prompt, 24)
     without = model.generate(prompt, 24, use_cache=False)
-    sampled = model.generate(prompt, 12, do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
-                             generator=torch.Generator().manual_seed(100 + rank))  # different RNG per rank
+    sampled = model.generate(
+        prompt,
+        12,
+        do_sample=True,
+        temperature=0.8,
+        top_k=20,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(100 + rank),
+    )  # different RNG per rank
     return with_cache, without, sampled
 
 
@@ -159,8 +127,7 @@ def test_kv_cache_generation_equals_full_recompute(tp):
     cfg = CASES["gqa"]
     model = spiky(cfg)
     prompt = torch.randint(0, 65, (2, 5), generator=torch.Generator().manual_seed(3))
-    runner = run_gloo if tp == 1 else run_threaded
-    results = runner(tp, generate_both_ways, cfg, model.state_dict(), prompt)
+    results = run_threaded(tp, generate_both_ways, cfg, model.state_dict(), prompt)
     reference_tokens = model.generate(prompt, 24, use_cache=False)
     assert len(set(reference_tokens[0, 5:].tolist())) >= 3, "decoding should not collapse to one token"
     for with_cache, without, sampled in results:
@@ -178,7 +145,7 @@ def test_kv_cache_step_costs_one_position():
     model(prompt[:, :5], kv_caches=caches)
     step = model(prompt[:, 5:], kv_caches=caches)
     assert step.shape == (1, 1, 64) and caches[0].length == 6
-    assert_rel_close(step[:, 0], full[:, 5], FP32_TOL, "cached step vs full forward")
+    assert_close(step[:, 0], full[:, 5], **FP32, what="cached step vs full forward")
 
 
 def test_generation_options_and_errors():
@@ -190,10 +157,12 @@ def test_generation_options_and_errors():
     eos = int(model.generate(prompt, 1)[0, -1])
     stopped = model.generate(prompt[:1], 10, eos_token_id=eos)
     assert stopped.shape == (1, 5) and stopped[0, -1] == eos
-    for kwargs, message in [(dict(top_k=0), "top_k must be a positive integer, got 0"),
-                            (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
-                            (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
-                            (dict(temperature=-1.0), "temperature must be >= 0")]:
+    for kwargs, message in [
+        (dict(top_k=0), "top_k must be a positive integer, got 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+    ]:
         with pytest.raises(ValueError, match=message):
             model.generate(prompt, 3, do_sample=True, **kwargs)
     with pytest.raises(ValueError, match="non-empty"):
@@ -219,9 +188,9 @@ def test_save_at_tp2_load_at_tp1_and_tp4(tmp_path):
     saved = run_threaded(2, save_and_logits, cfg, model.state_dict(), tmp_path / "m", idx)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     single = GPT.load(tmp_path / "m")(idx).detach()
-    assert_rel_close(single, saved[0], FP32_TOL, "tp=1 load")
+    assert_close(single, saved[0], **LOGITS, what="tp=1 load")
     for logits in run_threaded(4, load_and_logits, tmp_path / "m", idx):
-        assert_rel_close(logits, saved[0], FP32_TOL, "tp=4 load")
+        assert_close(logits, saved[0], **LOGITS, what="tp=4 load")
     assert GPT.load(tmp_path / "m" / "model.safetensors").config == GPTConfig(**cfg)
 
 
@@ -252,12 +221,13 @@ def overfit(rank, world, cfg, state, idx, targets, steps):
 
 def test_tiny_model_overfits_a_batch_with_the_same_curve_at_tp1_and_tp2():
     cfg = CASES["vocab65"]
-    ref, idx, _ = reference(cfg, batch=2, seq=16)
+    ref = GPT(**cfg, generator=torch.Generator().manual_seed(0))
+    idx, _ = gpt_batch(cfg, batch=2, seq=16)
     targets = idx.roll(-1, dims=1)
     single = overfit(0, 1, cfg, ref.state_dict(), idx, targets, 60)
     assert single[0] > 4.0 and single[-1] < 0.5, f"loss {single[0]:.2f} -> {single[-1]:.2f}"
     for curve in run_threaded(2, overfit, cfg, ref.state_dict(), idx, targets, 60):
-        assert_rel_close(torch.tensor(curve), torch.tensor(single), 1e-4, "loss curve tp=2 vs tp=1")
+        assert_close(torch.tensor(curve), torch.tensor(single), rtol=1e-4, atol=0.0, what="loss curve tp=2 vs tp=1")
 
 
 def test_seed_compatible_api():
@@ -265,8 +235,8 @@ def test_seed_compatible_api():
     assert len(model._decoders) == 3 and model.config.dropout == 0.1
     same = GPT.from_config(model.config)
     assert same.config == model.config
-    assert GPT.from_config(dict(TINY)).config == GPTConfig(**TINY)
-    with pytest.raises(ValueError, match="seq_len = 17 exceeds max_seq_len = 16"):
+    assert GPT.from_config(dict(TINY_GPT)).config == GPTConfig(**TINY_GPT)
+    with pytest.raises(ValueError, match="seq_len = 17 must be <= max_seq_len = 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match=r"idx holds id 100 outside the vocabulary \[0, 100\)"):
         model(torch.full((1, 4), 100))
@@ -278,7 +248,7 @@ def test_seed_compatible_api():
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"unknown GPTConfig keys \['heads'\]"):
         GPT(100, 16, 32, 4, 8, 3, heads=2)
-    with pytest.raises(ValueError, match="num_kv_heads = 3 must be a positive divisor of num_heads = 4"):
+    with pytest.raises(ValueError, match="num_heads = 4 must be divisible by num_kv_heads = 3"):
         GPT(100, 16, 32, 4, 8, 3, num_kv_heads=3)
 
 
@@ -294,12 +264,13 @@ def test_attention_maps_gathered_at_tp2_equal_unsharded():
         return sharded.attention_maps(idx)
 
     for result in run_threaded(2, maps, model.state_dict()):
-        assert_rel_close(result, expected, FP32_TOL, "attention maps")
+        assert_close(result, expected, **FP32, what="attention maps")
 
 
 def test_autocast_bf16_sharded_matches_unsharded():
     """The fused f + linear keeps autocast's casts for its own backward."""
-    ref, idx, targets = reference(CASES["gqa"])
+    ref = GPT(**CASES["gqa"], generator=torch.Generator().manual_seed(0))
+    idx, targets = gpt_batch(CASES["gqa"])
 
     def run(model):
         model.zero_grad()
@@ -315,37 +286,28 @@ def test_autocast_bf16_sharded_matches_unsharded():
 
     loss, grads = run(ref)
     for r_loss, r_grads in run_threaded(2, sharded, ref.state_dict()):
-        assert_rel_close(r_loss, loss, BF16_TOL, "autocast loss")
+        assert_close(r_loss, loss, **BF16, what="autocast loss")
         for name in grads:
             assert r_grads[name].dtype == torch.float32
-            assert_rel_close(r_grads[name], grads[name], BF16_TOL, f"autocast grad of {name}")
-
-
-def sequence_parallel_run(rank, world, cfg, state, idx, targets):
-    model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator())
-    load_full_state_dict(model, state)
-    model.sequence_parallel = True
-    logits = model(idx).detach()
-    loss = model(idx, targets)
-    loss.backward()
-    sync_replicated_grads(model, dist.group.WORLD)
-    return logits, loss.detach(), full_grads(model)
+            assert_close(r_grads[name], grads[name], **BF16, what=f"autocast grad of {name}")
 
 
 @pytest.mark.parametrize("case", ["vocab65", "gqa", "mqa-untied-nobias"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_sequence_parallel_equals_unsharded(case, tp):
-    cfg = CASES[case]
-    ref, idx, targets = reference(cfg, seq=12)
-    check(run_threaded(tp, sequence_parallel_run, cfg, ref.state_dict(), idx, targets), ref, idx, targets)
+    assert_gpt_equivalent(CASES[case], (tp,), seq=12, sequence_parallel=True)
 
 
 def test_sequence_parallel_refuses_a_length_tp_does_not_divide_and_generates_without_it():
     def run(rank, world):
-        model = GPT(**CASES["base"], tp_group=dist.group.WORLD, generator=torch.Generator().manual_seed(0))
-        model.sequence_parallel = True
-        with pytest.raises(ValueError, match="seq_len = 7 must be divisible by tp_size = 2"):
-            model(torch.zeros(1, 7, dtype=torch.long))
+        model = GPT(
+            **CASES["base"],
+            tp_group=dist.group.WORLD,
+            generator=torch.Generator().manual_seed(0),
+            sequence_parallel=True,
+        )
+        with pytest.raises(ValueError, match="seq_len = 7 must be divisible by tp_size = 2 under sequence parallel"):
+            model(torch.zeros(1, 7, dtype=torch.long), torch.zeros(1, 7, dtype=torch.long))
         out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5)
         assert model.sequence_parallel
         return out

@@ -2,44 +2,39 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from contextlib import contextmanager
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from tests.harness import assert_rel_close, run_gloo
-from tests.test_attention_gloo import count_collectives
-from tests.test_model import CASES, FP32_TOL, check, logits_loss_grads, reference, sequence_parallel_run
+from tests.helpers import CASES, FP32, count_collectives, count_shared_memory_calls, gpt_batch, logits_and_loss
 from tp_attention import full_grads, load_full_state_dict
+from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT
-from tp_attention.shm import communicator, enable_shared_memory_collectives
+from tp_attention.shm import with_shared_memory
+from tp_attention.testing import assert_close, assert_results_close, forward_backward, run_processes
 
 DROPOUT = dict(CASES["vocab65"], dropout=0.3)
+EQUIVALENCE = ["vocab65", "gqa"]
 
 
-@contextmanager
-def count_collectives_in_shared_memory(group):
-    """Yields a Counter filled, on exit, with the shared-memory collectives issued inside (empty without shm)."""
-    shared, calls = communicator(group), Counter()
-    before = shared.calls.copy() if shared else Counter()
-    yield calls
-    if shared:
-        calls.update(shared.calls - before)
+def sync(model: GPT) -> None:
+    sync_replicated_grads(model, model.tp_group)
 
 
 def on_every_rank(rank, world, cases, shared_memory=False):
-    group = dist.group.WORLD
-    if shared_memory:
-        assert enable_shared_memory_collectives(group)
-    out = {"equivalence": []}
+    group = with_shared_memory(dist.group.WORLD) if shared_memory else dist.group.WORLD
+    out = {"equivalence": [], "sequence_parallel": []}
     for cfg, state, idx, targets in cases:
         model = GPT(**cfg, tp_group=group)
         load_full_state_dict(model, state)
-        out["equivalence"].append(logits_loss_grads(model, idx, targets))
-    with count_collectives_in_shared_memory(group) as calls:
-        out["sequence_parallel"] = [sequence_parallel_run(rank, world, *case) for case in cases]
+        out["equivalence"].append(forward_backward(model, (idx, targets), logits_and_loss))
+    with count_shared_memory_calls(group) as calls:
+        for cfg, state, idx, targets in cases:
+            model = GPT(**cfg, tp_group=group, sequence_parallel=True)
+            load_full_state_dict(model, state)
+            out["sequence_parallel"].append(
+                forward_backward(model, (idx, targets), logits_and_loss, after_backward=sync)
+            )
     out["sequence_parallel_shm_calls"] = calls
 
     cfg, state, idx, targets = cases[0]
@@ -69,14 +64,21 @@ def dropout_reference(idx, targets):
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shm"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_gpt_on_gloo(world, shared_memory):
-    refs = [reference(CASES["vocab65"], seq=12), reference(CASES["gqa"], seq=12)]  # sequence parallel: T % tp == 0
-    cases = [(cfg, ref.state_dict(), idx, targets)
-             for cfg, (ref, idx, targets) in zip([CASES["vocab65"], CASES["gqa"]], refs, strict=True)]
-    results = run_gloo(world, on_every_rank, cases, shared_memory)
+    cases = []
+    for name in EQUIVALENCE:
+        ref = GPT(**CASES[name], generator=torch.Generator().manual_seed(0))
+        cases.append((CASES[name], ref.state_dict(), *gpt_batch(CASES[name], seq=12)))  # sequence parallel: T % tp
+    results = run_processes(world, on_every_rank, cases, shared_memory)
 
-    for i, (ref, idx, targets) in enumerate(refs):
-        check([r["equivalence"][i] for r in results], ref, idx, targets)
-        check([r["sequence_parallel"][i] for r in results], ref, idx, targets)
+    for i, (cfg, state, idx, targets) in enumerate(cases):
+        ref = GPT(**cfg, generator=torch.Generator())
+        load_full_state_dict(ref, state)
+        expected = forward_backward(ref, (idx, targets), logits_and_loss)
+        for rank, r in enumerate(results):
+            assert_results_close(r["equivalence"][i], expected, **FP32, where=f"{EQUIVALENCE[i]} rank {rank}")
+            assert_results_close(
+                r["sequence_parallel"][i], expected, **FP32, where=f"{EQUIVALENCE[i]} sequence parallel rank {rank}"
+            )
 
     layers = CASES["vocab65"]["num_layers"]
     for r in results:
@@ -89,28 +91,27 @@ def test_gpt_on_gloo(world, shared_memory):
         assert backward == {"all_reduce": 2 * layers + 1}  # 2 per block, LM-head input
         assert inference == {"all_reduce": 1 + 2 * layers, "all_gather": 1}  # + gather of the logits
 
-    _, idx, targets = refs[0]
+    _, _, idx, targets = cases[0]
     loss, grads, model = dropout_reference(idx, targets)
     with torch.no_grad():
         assert model.eval()(idx, targets) != loss, "dropout should change the loss"
     for r in results:
-        assert_rel_close(r["dropout"][0], loss, FP32_TOL, "loss with dropout")
+        assert_close(r["dropout"][0], loss, **FP32, what="loss with dropout")
         for name in grads:
-            assert_rel_close(r["dropout"][1][name], grads[name], FP32_TOL, f"grad of {name} with dropout")
+            assert_close(r["dropout"][1][name], grads[name], **FP32, what=f"grad of {name} with dropout")
 
 
 def sequence_parallel_dropout_loss(rank, world, idx, targets):
     torch.manual_seed(0)
-    model = GPT(**DROPOUT, tp_group=dist.group.WORLD)
-    model.sequence_parallel = True
+    model = GPT(**DROPOUT, tp_group=dist.group.WORLD, sequence_parallel=True)
     torch.manual_seed(1)  # the same stream on every rank: each keeps its slice of one full mask
     return model(idx, targets).item()
 
 
 def test_sequence_parallel_dropout_masks_tile_one_full_mask():
-    _, idx, targets = reference(CASES["vocab65"], seq=12)
-    at_tp2 = run_gloo(2, sequence_parallel_dropout_loss, idx, targets)
-    at_tp4 = run_gloo(4, sequence_parallel_dropout_loss, idx, targets)
+    idx, targets = gpt_batch(CASES["vocab65"], seq=12)
+    at_tp2 = run_processes(2, sequence_parallel_dropout_loss, idx, targets)
+    at_tp4 = run_processes(4, sequence_parallel_dropout_loss, idx, targets)
     assert len(set(at_tp2)) == 1 and len(set(at_tp4)) == 1, "every TP rank must see the same loss"
     assert abs(at_tp2[0] - at_tp4[0]) <= 1e-5 * abs(at_tp2[0]), (at_tp2, at_tp4)
     with torch.no_grad():

@@ -8,13 +8,13 @@ import torch.distributed as dist
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.harness import max_rel_err, run_threaded
 from tp_attention import MultiHeadAttention, load_full_state_dict
 from tp_attention.model import GPT
+from tp_attention.testing import assert_close, run_threaded
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64]
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
 
 def outcome(fn):
@@ -30,14 +30,16 @@ def same_outcome(sharded, reference, dtype) -> None:
     if reference[0] == "error" or sharded[0] == "error":
         assert sharded == reference, f"sharded {sharded[:3]} vs reference {reference[:3]}"
         return
-    err = max_rel_err(sharded[1].float(), reference[1].float(), atol=1e-6)
-    assert err <= TOLERANCE.get(dtype, 1e-5), f"relative error {err:.2e}"
+    assert_close(sharded[1], reference[1], **TOLERANCE.get(dtype, TOLERANCE[torch.float32]), what=str(dtype))
 
 
 def mostly(valid, *invalid):
     """Valid values three times as often as each invalid one."""
-    return st.sampled_from([valid, valid, valid, *invalid]) if not isinstance(valid, list) else st.sampled_from(
-        valid * 3 + list(invalid))
+    return (
+        st.sampled_from([valid, valid, valid, *invalid])
+        if not isinstance(valid, list)
+        else st.sampled_from(valid * 3 + list(invalid))
+    )
 
 
 @st.composite
@@ -46,9 +48,15 @@ def attention_cases(draw):
     heads = draw(st.sampled_from([1, 2, 4, 6, 8]))
     divisors = [d for d in range(1, heads + 1) if heads % d == 0]
     max_seq = draw(st.integers(1, 12))
-    cfg = dict(num_heads=heads, num_kv_heads=draw(mostly([None, *divisors], 3)),
-               emb_size=draw(st.integers(1, 24)), head_size=draw(st.integers(1, 8)),
-               max_seq_len=max_seq, dropout=0.0, causal=draw(st.booleans()))
+    cfg = dict(
+        num_heads=heads,
+        num_kv_heads=draw(mostly([None, *divisors], 3)),
+        emb_size=draw(st.integers(1, 24)),
+        head_size=draw(st.integers(1, 8)),
+        max_seq_len=max_seq,
+        dropout=0.0,
+        causal=draw(st.booleans()),
+    )
     batch = draw(mostly([1, 2, 3], 0))
     seq = draw(mostly(list(range(1, max_seq + 1)), 0, max_seq + 1))
     emb = cfg["emb_size"] + draw(mostly(0, 1))
@@ -56,9 +64,14 @@ def attention_cases(draw):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     x = (torch.randn(batch, seq, emb, generator=gen) * 3).to(dtype)
     kind = draw(st.sampled_from(["none", "key_padding", "tt", "btt", "bhtt", "additive", "odd"]))
-    shapes = {"key_padding": (batch, seq), "tt": (seq, seq), "btt": (batch, seq, seq),
-              "bhtt": (batch, heads, seq, seq), "additive": (batch, 1, seq, seq),
-              "odd": tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=5)))}
+    shapes = {
+        "key_padding": (batch, seq),
+        "tt": (seq, seq),
+        "btt": (batch, seq, seq),
+        "bhtt": (batch, heads, seq, seq),
+        "additive": (batch, 1, seq, seq),
+        "odd": tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=5))),
+    }
     mask = None
     if kind != "none":
         mask = torch.rand(shapes[kind], generator=gen)
@@ -86,6 +99,7 @@ def test_attention_matches_or_refuses(case):
             mha.to(reference._q.weight.dtype)
             load_full_state_dict(mha, reference.state_dict())
             return mha(x, mask).detach()
+
         return outcome(call)
 
     results = run_threaded(tp, sharded) if tp > 1 else [sharded(0, 1)]
@@ -99,9 +113,17 @@ def test_attention_matches_or_refuses(case):
 def gpt_cases(draw):
     tp = draw(st.sampled_from([1, 2, 4]))
     vocab = draw(st.integers(1, 70))
-    cfg = dict(vocab_size=vocab, max_seq_len=draw(st.integers(1, 10)), emb_size=8, num_heads=4, head_size=2,
-               num_layers=1, dropout=0.0, num_kv_heads=draw(st.sampled_from([None, 1, 2])),
-               tie_embeddings=draw(st.booleans()))
+    cfg = dict(
+        vocab_size=vocab,
+        max_seq_len=draw(st.integers(1, 10)),
+        emb_size=8,
+        num_heads=4,
+        head_size=2,
+        num_layers=1,
+        dropout=0.0,
+        num_kv_heads=draw(st.sampled_from([None, 1, 2])),
+        tie_embeddings=draw(st.booleans()),
+    )
     batch, seq = draw(mostly([1, 2], 0)), draw(mostly(list(range(1, cfg["max_seq_len"] + 1)), 0, 12))
     dtype = draw(mostly(torch.int64, torch.int32, torch.float32, torch.bool))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_model import CASES
-from tests.test_train import ROOT, assert_same_curve, losses, train
+from tests.helpers import CASES, ROOT, TORCHRUN, assert_same_curve, losses, metrics, rank0_log, train
 from tp_attention.model import GPT
 from train import checkpoint
 from train.config import ConfigError
-from train.main import check_output_space
+from train.run_dir import check_output_space
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 REFERENCE = ["trainer.max_steps=10", "trainer.micro_batch=8"]
 
 
@@ -34,14 +30,6 @@ def reference(workdir) -> list[float]:
     return losses(workdir, "reference")
 
 
-def metrics(workdir: Path, run_id: str) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
-
-
-def rank0_log(workdir: Path, run_id: str) -> str:
-    return (workdir / "runs" / run_id / "logs" / "rank0.log").read_text()
-
-
 def test_killed_rank_restarts_and_resumes(workdir, reference):
     command = [*TORCHRUN, "--max-restarts=1", "-m", "train"]
     train(workdir, "killed", [*REFERENCE, "parallel.tp=2"], command=command, env={"TP_FAULT": "kill@8:1"})
@@ -52,8 +40,7 @@ def test_killed_rank_restarts_and_resumes(workdir, reference):
 
 def test_killed_while_saving_keeps_the_previous_checkpoint(workdir, reference):
     command = [*TORCHRUN, "--max-restarts=1", "-m", "train"]
-    train(workdir, "crash_save", [*REFERENCE, "parallel.tp=2"], command=command,
-          env={"TP_FAULT": "crash_in_save@10:0"})
+    train(workdir, "crash_save", [*REFERENCE, "parallel.tp=2"], command=command, env={"TP_FAULT": "crash_in_save@10:0"})
     log = rank0_log(workdir, "crash_save")
     assert "checkpoints/step_00000005 at step 5" in log, "the half-written step 10 must not be used"
     kept = checkpoint.checkpoint_dirs(workdir / "runs" / "crash_save")
@@ -83,18 +70,31 @@ def test_corrupted_latest_checkpoint_falls_back_then_refuses(workdir, reference)
 
 def test_hung_peer_ends_the_job_with_a_timeout_error(workdir):
     start = time.monotonic()
-    result = train(workdir, "hung", ["trainer.max_steps=10", "parallel.tp=2", "parallel.timeout_s=5"],
-                   command=[*TORCHRUN, "-m", "train"], env={"TP_FAULT": "hang@3:1"}, check=False)
+    result = train(
+        workdir,
+        "hung",
+        ["trainer.max_steps=10", "parallel.tp=2", "parallel.timeout_s=5"],
+        command=[*TORCHRUN, "-m", "train"],
+        env={"TP_FAULT": "hang@3:1"},
+        check=False,
+    )
     assert result.returncode != 0
-    assert "training error: a collective timed out after 5 s (parallel.timeout_s) during training step 3" \
-        in result.stderr
+    assert (
+        "training error: a collective timed out after 5 s (parallel.timeout_s) during training step 3" in result.stderr
+    )
     assert time.monotonic() - start < 90
 
 
 def test_a_rank_that_raises_stops_every_rank_promptly(workdir):
     start = time.monotonic()
-    result = train(workdir, "raises", ["trainer.max_steps=10", "parallel.tp=2", "parallel.timeout_s=300"],
-                   command=[*TORCHRUN, "-m", "train"], env={"TP_FAULT": "raise@3:1"}, check=False)
+    result = train(
+        workdir,
+        "raises",
+        ["trainer.max_steps=10", "parallel.tp=2", "parallel.timeout_s=300"],
+        command=[*TORCHRUN, "-m", "train"],
+        env={"TP_FAULT": "raise@3:1"},
+        check=False,
+    )
     assert result.returncode != 0 and "injected failure at step 3 on rank 1" in result.stderr
     assert time.monotonic() - start < 60, "must not wait for the 300 s collective timeout"
 
@@ -112,8 +112,10 @@ def test_too_many_bad_steps_stop_the_run_with_the_last_good_checkpoint_intact(wo
     overrides = [*REFERENCE, "trainer.checkpoint_interval=2", "trainer.max_bad_steps=3"]
     result = train(workdir, "nan_stop", overrides, env={"TP_FAULT": "nan@5-10"}, check=False)
     assert result.returncode == 1
-    assert ("training error: 3 consecutive steps with non-finite loss or gradients (trainer.max_bad_steps = 3), "
-            "stopped at step 7; the last good checkpoint is step 6") in result.stderr
+    assert (
+        "training error: 3 consecutive steps with non-finite loss or gradients (trainer.max_bad_steps = 3), "
+        "stopped at step 7; the last good checkpoint is step 6"
+    ) in result.stderr
     kept = checkpoint.checkpoint_dirs(workdir / "runs" / "nan_stop")
     assert kept[-1].name == "step_00000006" and checkpoint.verify(kept[-1]) is None
 
@@ -138,13 +140,19 @@ def test_output_dir_problems_are_caught_before_training(workdir, tmp_path, monke
         check_output_space(tmp_path, 100 * 2**20, keep=2)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["trainer.max_stepz=3"], "config error: Could not override 'trainer.max_stepz'.: Key 'max_stepz' not in"),
-    (["trainer.max_steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
-    (["model=huge"], "Could not find 'model/huge'"),
-    (["trainer.seq_len=999"], "config error: trainer.seq_len = 999 must be <= model.max_seq_len = 128"),
-    (["data=text", "data.path=/nonexistent/corpus.txt"], "config error: data.path = '/nonexistent/corpus.txt' does"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["trainer.max_stepz=3"], "config error: Could not override 'trainer.max_stepz'.: Key 'max_stepz' not in"),
+        (["trainer.max_steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
+        (["model=huge"], "Could not find 'model/huge'"),
+        (["trainer.seq_len=999"], "config error: trainer.seq_len = 999 must be <= model.max_seq_len = 128"),
+        (
+            ["data=text", "data.path=/nonexistent/corpus.txt"],
+            "config error: data.path = '/nonexistent/corpus.txt' does",
+        ),
+    ],
+)
 def test_bad_command_lines_fail_in_one_line(workdir, overrides, message):
     result = train(workdir, "badcli", overrides, check=False)
     assert result.returncode == 2
@@ -152,15 +160,17 @@ def test_bad_command_lines_fail_in_one_line(workdir, overrides, message):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "corpus is empty"),
-    (b"tiny", "fewer than one window of trainer.seq_len + 1 = 33"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "corpus is empty"),
+        (b"tiny", "fewer than one window of trainer.seq_len + 1 = 33"),
+    ],
+)
 def test_bad_data_files_fail_clearly(workdir, tmp_path, content, message):
     path = tmp_path / "data.txt"
     path.write_bytes(content)
-    result = train(workdir, "baddata", ["data=text", f"data.path={path}", f"data.cache_dir={tmp_path}"],
-                   check=False)
+    result = train(workdir, "baddata", ["data=text", f"data.path={path}", f"data.cache_dir={tmp_path}"], check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
@@ -173,8 +183,12 @@ def test_binary_text_trains_with_the_byte_tokenizer(workdir, tmp_path):
 
 def test_checkpoint_of_another_model_shape_is_refused(workdir, reference, tmp_path):
     step5 = workdir / "runs" / "reference" / "checkpoints" / "step_00000005"
-    result = train(workdir, "othershape", [*REFERENCE, "model.emb_size=96", "model.head_size=24",
-                                           f"trainer.resume={step5}"], check=False)
+    result = train(
+        workdir,
+        "othershape",
+        [*REFERENCE, "model.emb_size=96", "model.head_size=24", f"trainer.resume={step5}"],
+        check=False,
+    )
     assert result.returncode == 2
     assert "was saved from another model shape" in result.stderr
     assert "_token_embeddings.weight: checkpoint (256, 64) != model (256, 96)" in result.stderr
@@ -188,7 +202,8 @@ def test_same_seed_and_layout_give_bitwise_identical_curves(workdir, reference):
         train(workdir, run_id, [*REFERENCE, "trainer.max_steps=6", "parallel.tp=2"], command=[*TORCHRUN, "-m", "train"])
     a, b = metrics(workdir, "det_a"), metrics(workdir, "det_b")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["grad_norm"] for r in a] == [
-        r["grad_norm"] for r in b]
+        r["grad_norm"] for r in b
+    ]
     train(workdir, "det_c", REFERENCE)
     assert losses(workdir, "det_c") == reference, "single process: bitwise identical to the reference run"
 

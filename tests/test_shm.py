@@ -6,41 +6,38 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.harness import run_gloo
-from tp_attention.mappings import _all_gather, _reduce_scatter, all_reduce_in_place
-from tp_attention.shm import (
-    SharedMemoryCollectives,
-    communicator,
-    communicator_for,
-    disable_shared_memory_collectives,
-    enable_shared_memory_collectives,
-)
+from tp_attention.distributed import TPGroup
+from tp_attention.mappings import _all_gather, _reduce_scatter, all_reduce_in_place, shared_memory_for
+from tp_attention.shm import SharedMemoryCollectives, with_shared_memory
+from tp_attention.testing import run_processes
 
 
 def many_reductions(rank, world):
-    group = dist.group.WORLD
-    assert enable_shared_memory_collectives(group)
+    group = with_shared_memory(dist.group.WORLD)
+    assert group.shared_memory is not None
     results = []
-    for i, (shape, dtype) in enumerate([((3, 5), torch.float32), ((1000,), torch.bfloat16), ((7,), torch.float64),
-                                        ((2, 2), torch.int64)] * 5):  # back-to-back calls reuse both buffers
+    for i, (shape, dtype) in enumerate(
+        [((3, 5), torch.float32), ((1000,), torch.bfloat16), ((7,), torch.float64), ((2, 2), torch.int64)] * 5
+    ):  # back-to-back calls reuse both buffers
         x = (torch.arange(torch.Size(shape).numel()).reshape(shape) * (rank + 1) + i).to(dtype)
         results.append(all_reduce_in_place(x.clone(), group))
     y = torch.tensor([float(rank), -float(rank)])
     results.append(all_reduce_in_place(y, group, dist.ReduceOp.MAX))
     big = torch.ones(5 << 20)  # 20 MiB: more than the buffer, so the process group does it
-    fallback = communicator_for(group, big) is None
+    fallback = shared_memory_for(group, big) is None
     results.append(all_reduce_in_place(big, group)[:3])
-    disable_shared_memory_collectives(group)
+    group.shared_memory.close()
     return results, fallback
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sums_match_and_are_identical_on_every_rank(world):
-    outputs = run_gloo(world, many_reductions)
+    outputs = run_processes(world, many_reductions)
     results, fallback = outputs[0]
     assert fallback
-    for i, (shape, dtype) in enumerate([((3, 5), torch.float32), ((1000,), torch.bfloat16), ((7,), torch.float64),
-                                        ((2, 2), torch.int64)] * 5):
+    for i, (shape, dtype) in enumerate(
+        [((3, 5), torch.float32), ((1000,), torch.bfloat16), ((7,), torch.float64), ((2, 2), torch.int64)] * 5
+    ):
         base = torch.arange(torch.Size(shape).numel()).reshape(shape)
         expected = sum(((base * (r + 1) + i).to(dtype) for r in range(world)), torch.zeros(shape, dtype=dtype))
         assert torch.equal(results[i], expected), (i, dtype)
@@ -52,9 +49,7 @@ def test_sums_match_and_are_identical_on_every_rank(world):
 
 def gathers_and_scatters(rank, world, shared_memory):
     """All-gathers and reduce-scatters along every dim and dtype, non-contiguous inputs included."""
-    group = dist.group.WORLD
-    if shared_memory:
-        assert enable_shared_memory_collectives(group)
+    group = with_shared_memory(dist.group.WORLD) if shared_memory else dist.group.WORLD
     gen = torch.Generator().manual_seed(rank)
     results = []
     for dim, dtype in [(0, torch.float32), (1, torch.bfloat16), (2, torch.float64), (1, torch.float32)]:
@@ -64,16 +59,16 @@ def gathers_and_scatters(rank, world, shared_memory):
             local, full = local.transpose(0, 2), full.transpose(0, 2)
         results.append((local, full, _all_gather(local, dim, group), _reduce_scatter(full, dim, group)))
     if shared_memory:
-        counts = dict(communicator(group).calls)
-        disable_shared_memory_collectives(group)
+        counts = dict(group.shared_memory.calls)
+        group.shared_memory.close()
         return results, counts
     return results, {}
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_gather_and_reduce_scatter_match_the_process_group(world):
-    on_gloo = run_gloo(world, gathers_and_scatters, False)
-    in_shm = run_gloo(world, gathers_and_scatters, True)
+    on_gloo = run_processes(world, gathers_and_scatters, False)
+    in_shm = run_processes(world, gathers_and_scatters, True)
     dims = [0, 1, 2, 1]
     for rank in range(world):
         assert in_shm[rank][1] == {"all_gather": 4, "reduce_scatter": 4}
@@ -103,13 +98,19 @@ def absent_peer(rank, world):
 
 
 def test_a_missing_peer_times_out_with_a_message():
-    message = run_gloo(2, absent_peer)[0]
+    message = run_processes(2, absent_peer)[0]
     assert message == "shared-memory all-reduce timed out after 1 s waiting for ranks [1]"
 
 
+def one_rank_group(rank, world):
+    group = with_shared_memory(dist.group.WORLD)
+    return group.shared_memory is None and shared_memory_for(group, torch.ones(1)) is None
+
+
 def test_declines_groups_it_cannot_serve():
-    assert not enable_shared_memory_collectives(None)
-    assert communicator(None) is None and communicator_for(None, torch.ones(1)) is None
+    assert run_processes(1, one_rank_group) == [True]  # a group of one has nothing to share
+    assert shared_memory_for(None, torch.ones(1)) is None
+    assert shared_memory_for(TPGroup(dist.group.WORLD), torch.ones(1)) is None
 
 
 def test_reductions_other_than_sum_and_max_are_refused_by_name():

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from tests.harness import max_rel_err
+from tests.helpers import ROOT, TINY_RUN, assert_same_curve, env_for, free_port, losses, train
 from train.config import ConfigError, TrainConfig, register, validate
-from train.main import lr_at
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.num_layers=2", "model.emb_size=64", "model.head_size=16", "model.num_heads=4", "trainer.seq_len=32",
-        "trainer.micro_batch=4", "trainer.log_interval=1", "trainer.eval_interval=5", "trainer.eval_batches=2",
-        "trainer.checkpoint_interval=5", "trainer.progress=false", "trainer.sample_tokens=8",
-        "data.max_bytes=1000000", "model.dropout=0.0"]
-TOL = 1e-5  # fp32 loss, relative
+from train.schedule import lr_at
 
 
 def compose_config(overrides: list[str]) -> TrainConfig:
@@ -45,35 +34,51 @@ def test_default_config_composes_and_is_valid():
     assert (gpt2.num_layers, gpt2.num_heads, gpt2.emb_size, gpt2.max_seq_len) == (12, 12, 768, 1024)
 
 
-@pytest.mark.parametrize("overrides,world,message", [
-    (["parallel.tp=3"], 3, r"model.num_heads = 4 must be divisible by parallel.tp = 3"),
-    (["model.emb_size=30", "model.ffn_mult=1", "parallel.tp=4"], 4,
-     r"model.ffn_mult \* model.emb_size = 30 must be divisible by parallel.tp = 4"),
-    (["model.num_heads=12", "model.num_kv_heads=6", "parallel.tp=4"], 4,
-     r"model.num_kv_heads = 6 must be divisible by parallel.tp = 4 or divide it"),
-    (["model.num_kv_heads=3"], 1, r"model.num_heads = 4 must be divisible by model.num_kv_heads = 3"),
-    (["parallel.tp=2"], 3, r"world_size = 3 must be divisible by parallel.tp = 2"),
-    (["trainer.seq_len=256"], 1, r"trainer.seq_len = 256 must be <= model.max_seq_len = 128"),
-    (["trainer.micro_batch=0"], 1, r"trainer.micro_batch = 0 must be positive"),
-    (["model.emb_size=-8"], 1, r"model.emb_size = -8 must be positive"),
-    (["optim.lr=-1"], 1, r"optim.lr = -1.0 must be positive"),
-    (["trainer.mixed_precision=fp8"], 1, r"trainer.mixed_precision = 'fp8' must be one of no, bf16, fp16"),
-    (["data=text"], 1, r"data.path must name a file or directory"),
-    (["data=hf"], 1, r"data.hf_name must name a dataset"),
-    (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], 1, r"data.bpe_vocab_size = 200 must exceed 256"),
-    (["parallel.sequence_parallel=true", "parallel.tp=2", "trainer.seq_len=31"], 2,
-     r"trainer.seq_len = 31 must be divisible by parallel.tp = 2 with parallel.sequence_parallel = true"),
-])
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (["parallel.tp=3"], 3, r"model.num_heads = 4 must be divisible by parallel.tp = 3"),
+        (
+            ["model.emb_size=30", "model.ffn_mult=1", "parallel.tp=4"],
+            4,
+            r"model.ffn_mult \* model.emb_size = 30 must be divisible by parallel.tp = 4",
+        ),
+        (
+            ["model.num_heads=12", "model.num_kv_heads=6", "parallel.tp=4"],
+            4,
+            r"model.num_kv_heads = 6 must be divisible by parallel.tp = 4 or divide it",
+        ),
+        (["model.num_kv_heads=3"], 1, r"model.num_heads = 4 must be divisible by model.num_kv_heads = 3"),
+        (["parallel.tp=2"], 3, r"world_size = 3 must be divisible by parallel.tp = 2"),
+        (["trainer.seq_len=256"], 1, r"trainer.seq_len = 256 must be <= model.max_seq_len = 128"),
+        (["trainer.micro_batch=0"], 1, r"trainer.micro_batch = 0 must be positive"),
+        (["model.emb_size=-8"], 1, r"model.emb_size = -8 must be a positive integer"),
+        (["model.dropout=1.5"], 1, r"model.dropout = 1.5 must be in \[0, 1\)"),
+        (["optim.lr=-1"], 1, r"optim.lr = -1.0 must be positive"),
+        (["trainer.mixed_precision=fp8"], 1, r"trainer.mixed_precision = 'fp8' must be one of no, bf16, fp16"),
+        (["data=text"], 1, r"data.path must name a file or directory"),
+        (["data=hf"], 1, r"data.hf_name must name a dataset"),
+        (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], 1, r"data.bpe_vocab_size = 200 must exceed 256"),
+        (
+            ["parallel.sequence_parallel=true", "parallel.tp=2", "trainer.seq_len=31"],
+            2,
+            r"trainer.seq_len = 31 must be divisible by parallel.tp = 2 under sequence parallelism",
+        ),
+    ],
+)
 def test_bad_configs_fail_with_their_rule(overrides, world, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(overrides), world)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainer.max_stepz=3", "max_stepz"),
-    ("trainer.max_steps=many", "max_steps"),
-    ("model.dropout=high", "dropout"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.max_stepz=3", "max_stepz"),
+        ("trainer.max_steps=many", "max_steps"),
+        ("model.dropout=high", "dropout"),
+    ],
+)
 def test_wrong_keys_and_types_fail_in_hydra(override, message):
     with pytest.raises(ConfigCompositionException, match=message):
         compose_config([override])
@@ -88,46 +93,9 @@ def test_learning_rate_schedule():
     assert all(lr_at(s, optim, 110) >= lr_at(s + 1, optim, 110) for s in range(10, 120))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env_for(run_id: str, cache: Path) -> dict[str, str]:
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # torchrun, accelerate
-    return dict(os.environ, OMP_NUM_THREADS="1", TP_RUN_ID=run_id, TP_ATTENTION_CACHE=str(cache),
-                PYTHONPATH=str(ROOT), PATH=path)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")
-
-
-def train(workdir: Path, run_id: str, overrides: list[str], nproc: int = 1, command: list[str] | None = None,
-          check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the training job in a subprocess (`command` + overrides); outputs go to workdir/runs/run_id."""
-    if command is None:
-        command = [sys.executable, "-m", "train"] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
-    args = [*command, *TINY, f"trainer.out_dir={workdir / 'runs'}", *overrides]
-    result = subprocess.run(args, env={**env_for(run_id, workdir / "cache"), **(env or {})}, cwd=workdir,
-                            capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
-
-
-def losses(workdir: Path, run_id: str) -> list[float]:
-    lines = (workdir / "runs" / run_id / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
-
-
-def assert_same_curve(actual: list[float], expected: list[float], what: str) -> None:
-    assert len(actual) == len(expected), f"{what}: {len(actual)} != {len(expected)} steps"
-    err = max_rel_err(torch.tensor(actual), torch.tensor(expected))
-    assert err <= TOL, f"{what}: relative error {err:.2e} > {TOL}\n{actual}\n{expected}"
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +107,16 @@ def single(workdir) -> list[float]:
 
 def test_single_process_run_writes_every_output(workdir, single):
     run = workdir / "runs" / "single"
-    for name in ("metrics.jsonl", "loss.png", "sample.txt", "export/model.safetensors", "export/config.json",
-                 ".hydra/config.yaml", ".hydra/overrides.yaml", "logs/rank0.log"):
+    for name in (
+        "metrics.jsonl",
+        "loss.png",
+        "sample.txt",
+        "export/model.safetensors",
+        "export/config.json",
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "logs/rank0.log",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -155,8 +131,10 @@ def test_single_process_run_writes_every_output(workdir, single):
 def test_layouts_agree_with_the_single_process_run(workdir, single, layout):
     overrides, nproc = {
         "dp1_tp2": (["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2"], 2),
-        "dp1_tp2_sp": (["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2",
-                        "parallel.sequence_parallel=true"], 2),
+        "dp1_tp2_sp": (
+            ["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2", "parallel.sequence_parallel=true"],
+            2,
+        ),
         "dp2_tp1": (["trainer.max_steps=10", "trainer.micro_batch=4", "parallel.tp=1"], 2),
         "ga2": (["trainer.max_steps=10", "trainer.micro_batch=4", "trainer.grad_accum=2"], 1),
     }[layout]
@@ -203,15 +181,30 @@ def test_single_node_launch_script(workdir, single):
 def test_two_nodes_on_loopback_train_at_tp2(workdir, single):
     """Two torchrun invocations (--nnodes 2, c10d rendezvous on 127.0.0.1) through the multi-node script."""
     port = free_port()
-    args = ["bash", str(ROOT / "launch" / "torchrun_multi_node.sh"), *TINY, f"trainer.out_dir={workdir / 'runs'}",
-            "trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"]
+    args = [
+        "bash",
+        str(ROOT / "launch" / "torchrun_multi_node.sh"),
+        *TINY_RUN,
+        f"trainer.out_dir={workdir / 'runs'}",
+        "trainer.max_steps=5",
+        "trainer.micro_batch=8",
+        "parallel.tp=2",
+    ]
     procs = []
     for node in (0, 1):
-        env = {**env_for("", workdir / "cache"), "NNODES": "2", "NODE_RANK": str(node), "NPROC": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RUN_ID": "two_nodes"}
+        env = {
+            **env_for("", workdir / "cache"),
+            "NNODES": "2",
+            "NODE_RANK": str(node),
+            "NPROC": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RUN_ID": "two_nodes",
+        }
         env.pop("TP_RUN_ID")  # the run dir name must come from the rendezvous id
-        procs.append(subprocess.Popen(args, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        procs.append(
+            subprocess.Popen(args, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-4000:]
@@ -224,8 +217,13 @@ def test_accelerate_launch_on_cpu_runs_two_processes(workdir, single):
     config.write_text(text.replace("main_process_port: 29511", f"main_process_port: {free_port()}"))
     command = ["bash", str(ROOT / "launch" / "accelerate.sh"), str(config)]
     env = {"ACCELERATE_USE_CPU": ""}  # the script must set it itself
-    train(workdir, "accelerate", ["trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"],
-          command=command, env=env)
+    train(
+        workdir,
+        "accelerate",
+        ["trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"],
+        command=command,
+        env=env,
+    )
     assert_same_curve(losses(workdir, "accelerate"), single[:5], "accelerate launch, tp=2")
     assert (workdir / "runs" / "accelerate" / "logs" / "rank1.log").is_file()
 

@@ -9,12 +9,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 
-from tests.harness import assert_rel_close, run_threaded
-from tests.test_model import CASES, reference
+from tests.helpers import CASES, gpt_batch
 from tp_attention import full_state_dict, load_full_state_dict
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm
 from tp_attention.model import GPT
 from tp_attention.state_dict import dcp_state_dict
+from tp_attention.testing import assert_close, run_threaded
 from train import checkpoint
 from train.config import ConfigError, DataConfig
 from train.data import prepare_data, stdlib_files, step_batch, windows
@@ -45,8 +45,9 @@ def test_text_source_splits_memmaps_and_caches(tmp_path):
 def test_bpe_tokenizer_is_trained_and_cached_next_to_the_tokens(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    cfg = DataConfig(source="text", path=str(text), cache_dir=str(tmp_path / "cache"), tokenizer="bpe",
-                     bpe_vocab_size=300)
+    cfg = DataConfig(
+        source="text", path=str(text), cache_dir=str(tmp_path / "cache"), tokenizer="bpe", bpe_vocab_size=300
+    )
     data = prepare_data(cfg, True, no_barrier, seq_len=16)
     assert (data.directory / "tokenizer.json").is_file()
     assert 256 < data.vocab_size <= 300
@@ -54,11 +55,14 @@ def test_bpe_tokenizer_is_trained_and_cached_next_to_the_tokens(tmp_path):
     assert data.tokenizer.decode(data.tokenizer.encode("the lazy fox")) == "the lazy fox"
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, r"data.path = '.*missing.txt' does not exist"),
-    (b"", r"corpus is empty"),
-    (b"short text", r"the train split has \d+ tokens, fewer than one window of trainer.seq_len \+ 1 = 65"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, r"data.path = '.*missing.txt' does not exist"),
+        (b"", r"corpus is empty"),
+        (b"short text", r"the train split has \d+ tokens, fewer than one window of trainer.seq_len \+ 1 = 65"),
+    ],
+)
 def test_bad_data_fails_clearly(tmp_path, content, message):
     path = tmp_path / "missing.txt"
     if content is not None:
@@ -72,8 +76,9 @@ def test_bad_data_fails_clearly(tmp_path, content, message):
 def test_global_batch_depends_only_on_seed_and_step():
     tokens = np.arange(10_000, dtype=np.uint16)
     whole = step_batch(tokens, 7, 1, micro_batch=8, grad_accum=1, seq_len=16, dp_rank=0, dp_size=1)[0]
-    halves = [step_batch(tokens, 7, 1, micro_batch=4, grad_accum=1, seq_len=16, dp_rank=r, dp_size=2)[0]
-              for r in range(2)]
+    halves = [
+        step_batch(tokens, 7, 1, micro_batch=4, grad_accum=1, seq_len=16, dp_rank=r, dp_size=2)[0] for r in range(2)
+    ]
     accumulated = step_batch(tokens, 7, 1, micro_batch=2, grad_accum=4, seq_len=16, dp_rank=0, dp_size=1)
     assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
     assert torch.equal(torch.cat([m[0] for m in accumulated]), whole[0])
@@ -89,10 +94,11 @@ def test_windows_stay_inside_the_tokens():
 
 def test_grad_norm_counts_shards_and_replicas_once():
     cfg = dict(CASES["gqa"], num_kv_heads=1)  # replicated KV heads at tp=4, padded vocab 65
-    ref, idx, targets = reference(cfg)
+    ref = GPT(**cfg, generator=torch.Generator().manual_seed(0))
+    idx, targets = gpt_batch(cfg)
     ref(idx, targets).backward()
     expected = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
-    assert_rel_close(grad_norm(ref), expected, 1e-6, "tp=1")
+    assert_close(grad_norm(ref), expected, rtol=1e-6, atol=0.0, what="tp=1")
 
     def sharded(rank, world, state):
         model = GPT(**cfg, tp_group=dist.group.WORLD, generator=torch.Generator())
@@ -102,8 +108,8 @@ def test_grad_norm_counts_shards_and_replicas_once():
         return before, grad_norm(model, dist.group.WORLD)
 
     for before, after in run_threaded(4, sharded, ref.state_dict()):
-        assert_rel_close(before, expected, 1e-5, "tp=4 norm")
-        assert_rel_close(after, torch.tensor(0.5), 1e-5, "clipped norm")
+        assert_close(before, expected, rtol=1e-5, atol=0.0, what="tp=4 norm")
+        assert_close(after, torch.tensor(0.5), rtol=1e-5, atol=0.0, what="clipped norm")
 
 
 def save_sharded(rank, world, state, path):
@@ -133,8 +139,9 @@ def test_dcp_state_dict_reshards_padded_vocab_and_replicated_kv(tmp_path):
             assert all(torch.equal(full[k], state[k]) for k in state)
     single = GPT(**CASES["gqa"] | {"num_kv_heads": 1})
     loaded = {f"model.{k}": v for k, v in single.state_dict().items()}
-    dcp.load({k.removeprefix("model."): v for k, v in loaded.items()}, checkpoint_id=str(tmp_path / "ckpt"),
-             no_dist=True)
+    dcp.load(
+        {k.removeprefix("model."): v for k, v in loaded.items()}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True
+    )
     assert all(torch.equal(single.state_dict()[k], state[k]) for k in state)
 
 
@@ -143,8 +150,9 @@ def test_checkpoint_save_is_atomic_and_verified(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward()
     optimizer.step()
+    checkpointer = checkpoint.Checkpointer(tmp_path, None, keep=2)
     for step in (1, 2, 3):
-        checkpoint.save(tmp_path, step, model, optimizer, None, {"optimizer_steps": 1}, keep=2)
+        checkpointer.save(step, model, optimizer, {"optimizer_steps": 1})
     kept = checkpoint.checkpoint_dirs(tmp_path)
     assert [p.name for p in kept] == ["step_00000002", "step_00000003"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))

@@ -1,7 +1,7 @@
 """tp-attention: tensor-parallel multi-head attention and a small GPT built on it."""
 
 from tp_attention.attention import KVCache, MultiHeadAttention
-from tp_attention.distributed import ParallelGroups, init_parallel_groups, tp_rank, tp_size
+from tp_attention.distributed import ParallelGroups, TPGroup, init_parallel_groups, tp_rank, tp_size
 from tp_attention.layers import ColumnParallelLinear, RowParallelLinear, ShardSpec
 from tp_attention.mappings import (
     copy_to_tp,
@@ -12,7 +12,7 @@ from tp_attention.mappings import (
     scatter_to_tp,
 )
 from tp_attention.model import GPT, GPTConfig
-from tp_attention.shm import enable_shared_memory_collectives
+from tp_attention.shm import with_shared_memory
 from tp_attention.state_dict import full_grads, full_state_dict, gather_full, load_full_state_dict
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -25,9 +25,9 @@ __all__ = [
     "ParallelGroups",
     "RowParallelLinear",
     "ShardSpec",
+    "TPGroup",
     "VocabParallelEmbedding",
     "copy_to_tp",
-    "enable_shared_memory_collectives",
     "full_grads",
     "full_state_dict",
     "gather_from_sp",
@@ -41,4 +41,5 @@ __all__ = [
     "tp_rank",
     "tp_size",
     "vocab_parallel_cross_entropy",
+    "with_shared_memory",
 ]

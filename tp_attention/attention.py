@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
+from tp_attention.distributed import Group, check_group, tp_rank, tp_size
 from tp_attention.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -29,6 +29,7 @@ from tp_attention.layers import (
     column_parallel_linear,
 )
 from tp_attention.mappings import gather_from_tp
+from tp_attention.shapes import check_attention, check_seq_len
 
 MASK_HELP = (
     "a mask is [B, T] (key padding: 1/True = attend), [T, T], [B, T, T] or [B, H, T, T] "
@@ -49,8 +50,7 @@ def check_input(x: object, emb_size: int, max_seq_len: int, weight: torch.Tensor
         raise ValueError(f"last dim of x must equal emb_size = {emb_size}, got {emb}")
     if batch == 0 or seq_len == 0:
         raise ValueError(f"x must hold at least one sequence of one token, got shape {tuple(x.shape)}")
-    if seq_len > max_seq_len:
-        raise ValueError(f"seq_len = {seq_len} exceeds max_seq_len = {max_seq_len}")
+    check_seq_len(seq_len, max_seq_len)
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"x has dtype {x.dtype} but the weights are {weight.dtype}; cast one of them")
 
@@ -130,8 +130,8 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; {end} requested")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -152,15 +152,19 @@ class MultiHeadAttention(nn.Module):
             replicated on tp / num_kv_heads ranks, gradients summed over the replicas).
         causal: mask future positions.
         bias: biases on the Q/K/V and output projections.
-        tp_group: the tensor-parallel group, or None for no parallelism.
+        tp_group: the tensor-parallel group (a process group or a TPGroup), or None for no parallelism.
         init_std, out_init_std: None for nn.Linear's init; else N(0, std) weights for Q/K/V and
             the output projection (out_init_std defaults to init_std).
         generator: RNG for the full weights (default: torch's global RNG).
 
-    Shapes: forward(x `[B, T, E]`, mask) -> `[B, T, E]`.
+    Shapes: forward(x `[B, T, E]`, mask) -> `[B, T, E]`; with `sequence_parallel=True` x and the
+    output are this rank's tokens `[B, T / tp, E]` (all-gathered before the projections, reduce-scattered
+    after the output projection).
 
     Raises:
-        ValueError: a size is not positive, num_heads % tp_size != 0, or num_kv_heads is invalid.
+        TypeError: a size is not an integer, or tp_group is not a group.
+        ValueError: a size is not positive, num_heads % tp_size != 0, or num_kv_heads is invalid
+            (rules in `tp_attention.shapes`).
     """
 
     def __init__(
@@ -174,27 +178,16 @@ class MultiHeadAttention(nn.Module):
         num_kv_heads: int | None = None,
         causal: bool = True,
         bias: bool = True,
-        tp_group: ProcessGroup | None = None,
+        tp_group: Group = None,
         init_std: float | None = None,
         out_init_std: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        for name, value in [("num_heads", num_heads), ("emb_size", emb_size), ("head_size", head_size),
-                            ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads or num_heads)]:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        tp = tp_size(tp_group)
-        num_kv_heads = num_kv_heads or num_heads
-        local_heads = divide(num_heads, tp, "num_heads")
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_heads = {num_heads} must be divisible by num_kv_heads = {num_kv_heads}")
-        if num_kv_heads % tp != 0 and tp % num_kv_heads != 0:
-            raise ValueError(
-                f"num_kv_heads = {num_kv_heads} must be divisible by tp_size = {tp} or divide it"
-            )
+        tp = tp_size(check_group(tp_group))
+        check_attention(num_heads, emb_size, head_size, max_seq_len, dropout, num_kv_heads, tp)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        local_heads = num_heads // tp
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.emb_size, self.max_seq_len, self.causal = emb_size, max_seq_len, causal
         self.tp_group = tp_group
@@ -208,19 +201,25 @@ class MultiHeadAttention(nn.Module):
         self._k = ColumnParallelLinear(emb_size, num_kv_heads * head_size, num_shards=kv_shards, **common)
         self._v = ColumnParallelLinear(emb_size, num_kv_heads * head_size, num_shards=kv_shards, **common)
         self._layer = RowParallelLinear(
-            num_heads * head_size, emb_size, bias=bias, tp_group=tp_group, input_is_parallel=True,
-            init_std=out_init_std if out_init_std is not None else init_std, generator=generator,
+            num_heads * head_size,
+            emb_size,
+            bias=bias,
+            tp_group=tp_group,
+            input_is_parallel=True,
+            init_std=out_init_std if out_init_std is not None else init_std,
+            generator=generator,
         )
         self._dropout = SequenceParallelDropout(dropout, tp_group)
-        self.sequence_parallel = False  # x holds this rank's tokens [B, T / tp, E]; set by GPT
 
     @property
     def _heads(self) -> tuple[HeadView, ...]:
         """One view per head on this rank (`num_heads / tp_size` of them)."""
         return tuple(HeadView(self, i) for i in range(self.local_heads))
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Local-head queries `(B, H_local, T, D)` and keys/values `(B, KV_local, T, D)`.
+    def _project(
+        self, x: torch.Tensor, sequence_parallel: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Local-head queries `(B, H_local, T, D)` and keys/values `(B, KV_local, T, D)` of all T tokens.
 
         Q, K and V are one GEMM over their concatenated local weights, with f fused in: one
         all-reduce of dx in backward, overlapped with the weight-gradient matmul.
@@ -228,7 +227,7 @@ class MultiHeadAttention(nn.Module):
         (wq, bq), (wk, bk), (wv, bv) = self._q.params(), self._k.params(), self._v.params()
         weight = torch.cat([wq, wk, wv])  # (H_local*D + 2*KV_local*D, E)
         bias = None if bq is None else torch.cat([bq, bk, bv])
-        qkv = column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)  # all T tokens
+        qkv = column_parallel_linear(x, weight, bias, self.tp_group, sequence_parallel)  # all T tokens
         batch, seq_len, _ = qkv.shape
         q, k, v = qkv.split([wq.size(0), wk.size(0), wv.size(0)], dim=-1)
         q = q.view(batch, seq_len, self.local_heads, self.head_size)
@@ -264,25 +263,34 @@ class MultiHeadAttention(nn.Module):
         return additive.masked_fill(~has_key, 0.0), has_key
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        sequence_parallel: bool = False,
     ) -> torch.Tensor:
         """Attend over `x` `[B, T, E]` (optionally masked, see `normalize_mask`); returns `[B, T, E]`.
 
         With `kv_cache`, `x` holds only the new tokens: they attend to the cached ones and to each
         other, and their keys/values are appended (a mask then has `T_cached + T` keys).
+        With `sequence_parallel` (tp > 1), `x` and the result are this rank's `T / tp` tokens.
         A query row whose every key is masked attends to nothing: its head output is zero.
         """
         check_input(x, self.emb_size, self.max_seq_len, self._q.weight)
-        sequence_parallel = self.sequence_parallel and tp_size(self.tp_group) > 1
-        if sequence_parallel and (kv_cache is not None or x.size(1) * tp_size(self.tp_group) > self.max_seq_len):
-            raise ValueError(f"sequence parallel: {x.size(1)} tokens per rank x tp_size {tp_size(self.tp_group)} "
-                             f"exceed max_seq_len = {self.max_seq_len}, or a KV cache was given (decode without it)")
-        q, k, v = self._project(x)  # (B, H_local, T, D), (B, KV_local, T, D) x2: all tokens
+        tp = tp_size(self.tp_group)
+        sequence_parallel = sequence_parallel and tp > 1
+        if sequence_parallel:
+            if kv_cache is not None:
+                raise ValueError("sequence parallel: a KV cache was given; decode without sequence parallelism")
+            check_seq_len(x.size(1) * tp, self.max_seq_len, name=f"{x.size(1)} tokens per rank x tp_size {tp}")
+        q, k, v = self._project(x, sequence_parallel)  # (B, H_local, T, D), (B, KV_local, T, D) x2: all tokens
         batch, _, seq_len, _ = q.shape
         if kv_cache is not None:
             if kv_cache.length + seq_len > self.max_seq_len:
-                raise ValueError(f"{kv_cache.length} cached + {seq_len} new tokens exceed max_seq_len = "
-                                 f"{self.max_seq_len}")
+                raise ValueError(
+                    f"{kv_cache.length} cached + {seq_len} new tokens exceed max_seq_len = {self.max_seq_len}"
+                )
             k, v = kv_cache.append(k, v)  # (B, KV_local, T_cached + T, D)
         seq_k = k.size(2)
         gqa = self.local_kv_heads != self.local_heads
@@ -295,7 +303,8 @@ class MultiHeadAttention(nn.Module):
             if has_key is not None:
                 y = y * has_key  # rows with no key attend to nothing
         y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_size)  # (B, T, H_local*D)
-        return self._dropout(self._layer(y))  # row-parallel: g all-reduces (or reduce-scatters), bias once
+        y = self._layer(y, sequence_parallel)  # (B, T[/tp], E): g all-reduces (or reduce-scatters), bias once
+        return self._dropout(y, sequence_parallel)
 
     def get_attention_weights(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, gather: bool = False
@@ -321,5 +330,7 @@ class MultiHeadAttention(nn.Module):
         return gather_from_tp(weights.contiguous(), self.tp_group, dim=1) if gather else weights
 
     def extra_repr(self) -> str:
-        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_size={self.head_size}, "
-                f"emb_size={self.emb_size}, local_heads={self.local_heads}, causal={self.causal}")
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_size={self.head_size}, "
+            f"emb_size={self.emb_size}, local_heads={self.local_heads}, causal={self.causal}"
+        )

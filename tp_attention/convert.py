@@ -13,7 +13,10 @@ import torch
 from tp_attention.model import GPTConfig
 
 _BLOCK = {  # ours (inside _decoders.{i}.) -> nanoGPT (inside transformer.h.{i}.)
-    "_norm1": "ln_1", "_heads._layer": "attn.c_proj", "_norm2": "ln_2", "_ff._up": "mlp.c_fc",
+    "_norm1": "ln_1",
+    "_heads._layer": "attn.c_proj",
+    "_norm2": "ln_2",
+    "_ff._up": "mlp.c_fc",
     "_ff._down": "mlp.c_proj",
 }
 _TOP = {"_token_embeddings": "transformer.wte", "_position_embeddings": "transformer.wpe", "_norm": "transformer.ln_f"}
@@ -60,9 +63,16 @@ def from_nanogpt(state: Mapping[str, torch.Tensor], num_heads: int, dropout: flo
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     vocab, emb = state["transformer.wte.weight"].shape
     layers = len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})
-    cfg = GPTConfig(vocab_size=vocab, max_seq_len=state["transformer.wpe.weight"].shape[0], emb_size=emb,
-                    num_heads=num_heads, head_size=emb // num_heads, num_layers=layers, dropout=dropout,
-                    bias="transformer.ln_f.bias" in state)
+    cfg = GPTConfig(
+        vocab_size=vocab,
+        max_seq_len=state["transformer.wpe.weight"].shape[0],
+        emb_size=emb,
+        num_heads=num_heads,
+        head_size=emb // num_heads,
+        num_layers=layers,
+        dropout=dropout,
+        bias="transformer.ln_f.bias" in state,
+    )
     ours = {}
     top = {v: k for k, v in _TOP.items()}
     block = {v: k for k, v in _BLOCK.items()}

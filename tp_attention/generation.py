@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tp_attention.distributed import tp_size
+from tp_attention.distributed import process_group, tp_size
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -80,7 +80,8 @@ def generate(
                 probs = _filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
                 token = torch.multinomial(probs, 1, generator=generator)[:, 0]
                 if tp_size(group) > 1:
-                    dist.broadcast(token, src=dist.get_global_rank(group, 0), group=group)
+                    pg = process_group(group)
+                    dist.broadcast(token, src=dist.get_global_rank(pg, 0), group=pg)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, eos_token_id)
                 finished |= token == eos_token_id

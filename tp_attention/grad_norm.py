@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tp_attention.distributed import ProcessGroup, tp_size
+from tp_attention.distributed import Group, tp_size
 from tp_attention.mappings import all_reduce_in_place
 from tp_attention.state_dict import sharded_parameters
 
 
-def grad_norm(model: nn.Module, tp_group: ProcessGroup | None = None) -> torch.Tensor:
+def grad_norm(model: nn.Module, tp_group: Group = None) -> torch.Tensor:
     """The global L2 norm of the unsharded model's gradients (a collective over `tp_group`).
 
     Each rank adds `|g|^2 * num_shards / tp` per gradient, so after the all-reduce a gradient
@@ -31,7 +31,7 @@ def grad_norm(model: nn.Module, tp_group: ProcessGroup | None = None) -> torch.T
     return all_reduce_in_place(total, tp_group).sqrt()
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: ProcessGroup | None = None) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: Group = None) -> torch.Tensor:
     """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
     norm = grad_norm(model, tp_group)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -41,7 +41,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: ProcessGroup | 
     return norm
 
 
-def sync_replicated_grads(model: nn.Module, tp_group: ProcessGroup | None) -> None:
+def sync_replicated_grads(model: nn.Module, tp_group: Group) -> None:
     """Sequence parallel: sum the gradients of replicated parameters over the TP group, in one all-reduce.
 
     With sequence parallelism each rank's LayerNorms, position embedding and row-parallel biases see

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp_attention.distributed import ProcessGroup, divide, tp_rank, tp_size
+from tp_attention.distributed import Group, check_group, process_group, tp_rank, tp_size
 from tp_attention.mappings import (
     all_reduce_in_place,
     gather_from_sp,
@@ -26,8 +26,9 @@ from tp_attention.mappings import (
     reduce_from_tp,
     reduce_scatter_to_sp,
     scatter_to_tp,
+    shared_memory_for,
 )
-from tp_attention.shm import communicator_for
+from tp_attention.shapes import check_divisible, check_int
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,10 @@ class _CopyToTPLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.to(weight.dtype)
         dx = dy @ weight if ctx.needs_input_grad[0] else None  # (*, in)
-        overlap = dx is not None and communicator_for(ctx.group, dx) is None  # shared memory: nothing to hide
+        overlap = dx is not None and shared_memory_for(ctx.group, dx) is None  # shared memory: nothing to hide
         if overlap:  # a functional collective: started now, awaited below; torch.compile traces it, and
             # CommDebugMode counts it (it does not count the in-place all_reduce_, which would save a copy)
-            dx = torch.ops._c10d_functional.all_reduce(dx, "sum", ctx.group.group_name)
+            dx = torch.ops._c10d_functional.all_reduce(dx, "sum", process_group(ctx.group).group_name)
         dy2d = dy.reshape(-1, dy.size(-1))
         dw = dy2d.t() @ x.reshape(-1, x.size(-1))  # (out, in): computed while dx travels
         db = dy2d.sum(0) if ctx.has_bias else None
@@ -144,8 +145,7 @@ class _CopyToTPLinear(torch.autograd.Function):
 
 
 def column_parallel_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: ProcessGroup | None,
-    sequence_parallel: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group, sequence_parallel: bool = False
 ) -> torch.Tensor:
     """`copy_to_tp` then `F.linear`, with the backward all-reduce of dx overlapped with dW's matmul.
 
@@ -164,13 +164,13 @@ class SequenceParallelDropout(nn.Dropout):
     rank holds tokens `[B, T / tp, E]`) it draws the full-size mask from the RNG, which TP ranks keep
     in step, and keeps its own slice, so the ranks' masks tile one full mask."""
 
-    def __init__(self, p: float, tp_group: ProcessGroup | None = None) -> None:
+    def __init__(self, p: float, tp_group: Group = None) -> None:
         super().__init__(p)
-        self.tp_group, self.sequence_parallel = tp_group, False
+        self.tp_group = tp_group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         tp = tp_size(self.tp_group)
-        if not (self.sequence_parallel and self.training and self.p > 0 and tp > 1):
+        if not (sequence_parallel and self.training and self.p > 0 and tp > 1):
             return super().forward(x)
         full = list(x.shape)
         full[1] *= tp
@@ -184,19 +184,20 @@ class ColumnParallelLinear(nn.Module):
     Args:
         in_features, out_features: full (logical) sizes, as for nn.Linear.
         bias: learn an additive bias (sharded like the output).
-        tp_group: the tensor-parallel group, or None for no parallelism.
+        tp_group: the tensor-parallel group (a process group or a TPGroup), or None for no parallelism.
         gather_output: all-gather the output so every rank gets `[*, out_features]`.
-        copy_input: apply f (all-reduce of the input gradient in backward). Pass False when
-            the caller applies `copy_to_tp` once for several layers reading the same input.
         num_shards: split the output in this many chunks (default tp_size). A divisor of
             tp_size replicates each chunk on `tp_size / num_shards` ranks and sums its
             gradients over those replicas.
         init_std: None for nn.Linear's init, else N(0, init_std) weights and zero bias.
         generator: RNG for the full weight (default: torch's global RNG).
 
-    Shapes: x `[*, in_features]` -> y `[*, out_features / num_shards]` (or full if gathered).
+    Shapes: x `[*, in_features]` -> y `[*, out_features / num_shards]` (or full if gathered); under
+    sequence parallelism (`forward(x, sequence_parallel=True)`) x is this rank's tokens `[B, T / tp, in]`
+    and they are all-gathered first.
 
     Raises:
+        TypeError: a size is not an integer, or tp_group is not a group.
         ValueError: out_features is not divisible by num_shards, or num_shards does not divide
             tp_size.
     """
@@ -207,26 +208,28 @@ class ColumnParallelLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        tp_group: ProcessGroup | None = None,
+        tp_group: Group = None,
         gather_output: bool = False,
-        copy_input: bool = True,
         num_shards: int | None = None,
         init_std: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        tp = tp_size(tp_group)
+        check_int(in_features, "in_features")
+        check_int(out_features, "out_features")
+        tp = tp_size(check_group(tp_group))
         num_shards = num_shards or tp
         if tp % num_shards != 0:
             raise ValueError(f"num_shards = {num_shards} must divide tp_size = {tp}")
         if num_shards != tp and gather_output:
             raise ValueError(f"gather_output needs num_shards == tp_size, got {num_shards} != {tp}")
         if out_features % num_shards != 0:
-            raise ValueError(f"out_features = {out_features} must be divisible by the number of shards"
-                             f" = {num_shards} (tp_size = {tp})")
+            raise ValueError(
+                f"out_features = {out_features} must be divisible by the number of shards"
+                f" = {num_shards} (tp_size = {tp})"
+            )
         self.in_features, self.out_features = in_features, out_features
-        self.tp_group, self.gather_output, self.copy_input = tp_group, gather_output, copy_input
-        self.sequence_parallel = False  # input holds this rank's tokens; see column_parallel_linear
+        self.tp_group, self.gather_output = tp_group, gather_output
         spec = ShardSpec(dim=0, num_shards=num_shards)
         self.tp_shards = {"weight": spec, "bias": spec}
         weight, full_bias = init_full_weight(out_features, in_features, init_std, generator)
@@ -243,19 +246,17 @@ class ColumnParallelLinear(nn.Module):
         summed = _SumGradOverReplicas.apply(spec, self.tp_group, *params)
         return summed[0], (summed[1] if self.bias is not None else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         weight, bias = self.params()
-        # f fused in when copy_input: dx's all-reduce overlaps dW's matmul
-        if self.copy_input:
-            y = column_parallel_linear(x, weight, bias, self.tp_group, self.sequence_parallel)
-        else:
-            y = F.linear(x, weight, bias)
+        y = column_parallel_linear(x, weight, bias, self.tp_group, sequence_parallel)  # f fused in
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
         shards = self.tp_shards["weight"].num_shards
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, num_shards={shards}, tp_size={tp_size(self.tp_group)}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, num_shards={shards}, tp_size={tp_size(self.tp_group)}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -267,14 +268,17 @@ class RowParallelLinear(nn.Module):
     Args:
         in_features, out_features: full (logical) sizes, as for nn.Linear.
         bias: learn an additive bias (replicated on every rank).
-        tp_group: the tensor-parallel group, or None for no parallelism.
+        tp_group: the tensor-parallel group (a process group or a TPGroup), or None for no parallelism.
         input_is_parallel: the input is already split along its last dim (the output of a
             column-parallel layer); otherwise each rank takes its chunk first.
         init_std, generator: as for ColumnParallelLinear.
 
-    Shapes: x `[*, in_features / tp]` (or `[*, in_features]`) -> y `[*, out_features]`.
+    Shapes: x `[*, in_features / tp]` (or `[*, in_features]`) -> y `[*, out_features]`; under sequence
+    parallelism (`forward(x, sequence_parallel=True)`) the output is reduce-scattered over tokens
+    instead, `[B, T / tp, out_features]`.
 
     Raises:
+        TypeError: a size is not an integer, or tp_group is not a group.
         ValueError: in_features is not divisible by tp_size.
     """
 
@@ -284,32 +288,34 @@ class RowParallelLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        tp_group: ProcessGroup | None = None,
+        tp_group: Group = None,
         input_is_parallel: bool = False,
         init_std: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        tp = tp_size(tp_group)
-        divide(in_features, tp, "in_features")
+        check_int(out_features, "out_features")
+        tp = tp_size(check_group(tp_group))
+        check_divisible(check_int(in_features, "in_features"), "in_features", tp)
         self.in_features, self.out_features = in_features, out_features
         self.tp_group, self.input_is_parallel = tp_group, input_is_parallel
-        self.sequence_parallel = False  # reduce-scatter the output over tokens instead of all-reducing it
         spec = ShardSpec(dim=1, num_shards=tp)
         self.tp_shards = {"weight": spec}
         weight, full_bias = init_full_weight(out_features, in_features, init_std, generator)
         self.weight = nn.Parameter(spec.slice(weight, tp_rank(tp_group), tp).clone())
         self.bias = nn.Parameter(full_bias) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         if tp_size(self.tp_group) == 1:
             return F.linear(x, self.weight, self.bias)  # one fused GEMM + bias: exactly nn.Linear
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
         y = F.linear(x, self.weight)  # (B, T, out): this rank's partial sum
-        y = reduce_scatter_to_sp(y, self.tp_group) if self.sequence_parallel else reduce_from_tp(y, self.tp_group)
+        y = reduce_scatter_to_sp(y, self.tp_group) if sequence_parallel else reduce_from_tp(y, self.tp_group)
         return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: bias in y's dtype, as nn.Linear
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, tp_size={tp_size(self.tp_group)}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, tp_size={tp_size(self.tp_group)}"
+        )

@@ -16,7 +16,6 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.attention import KVCache, MultiHeadAttention
-from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
+from tp_attention.distributed import Group, check_group, tp_rank, tp_size
 from tp_attention.layers import ColumnParallelLinear, RowParallelLinear, SequenceParallelDropout
+from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel
 from tp_attention.state_dict import full_shapes, full_state_dict, load_full_state_dict
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -52,15 +52,7 @@ class GPTConfig:
     ffn_mult: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "emb_size", "num_heads", "head_size", "num_layers", "ffn_mult"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        kv = self.num_kv_heads
-        if kv is not None and (not isinstance(kv, int) or kv < 1 or self.num_heads % kv != 0):
-            raise ValueError(f"num_kv_heads = {kv!r} must be a positive divisor of num_heads = {self.num_heads}")
+        check_gpt(self)  # the rules that do not depend on tp; GPT checks the rest with its group
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> GPTConfig:
@@ -75,37 +67,56 @@ class GPTConfig:
 class FeedForward(nn.Module):
     """GELU MLP: column-parallel up-projection, row-parallel down-projection, dropout."""
 
-    def __init__(self, cfg: GPTConfig, tp_group: ProcessGroup | None, generator: torch.Generator | None) -> None:
+    def __init__(self, cfg: GPTConfig, tp_group: Group, generator: torch.Generator | None) -> None:
         super().__init__()
         hidden = cfg.ffn_mult * cfg.emb_size
-        self._up = ColumnParallelLinear(cfg.emb_size, hidden, cfg.bias, tp_group=tp_group,
-                                        init_std=INIT_STD, generator=generator)
-        self._down = RowParallelLinear(hidden, cfg.emb_size, cfg.bias, tp_group=tp_group, input_is_parallel=True,
-                                       init_std=INIT_STD / math.sqrt(2 * cfg.num_layers), generator=generator)
+        self._up = ColumnParallelLinear(
+            cfg.emb_size, hidden, cfg.bias, tp_group=tp_group, init_std=INIT_STD, generator=generator
+        )
+        self._down = RowParallelLinear(
+            hidden,
+            cfg.emb_size,
+            cfg.bias,
+            tp_group=tp_group,
+            input_is_parallel=True,
+            init_std=INIT_STD / math.sqrt(2 * cfg.num_layers),
+            generator=generator,
+        )
         self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.gelu(self._up(x))  # (B, T, ffn * E / tp): f before, local after
-        return self._dropout(self._down(hidden))  # (B, T, E): g all-reduces
+    def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        hidden = F.gelu(self._up(x, sequence_parallel))  # (B, T, ffn * E / tp): f (or all-gather) before
+        return self._dropout(self._down(hidden, sequence_parallel), sequence_parallel)  # (B, T[/tp], E): g
 
 
 class Decoder(nn.Module):
     """Pre-LayerNorm transformer block: `h + attn(ln(h))`, then `h + mlp(ln(h))`."""
 
-    def __init__(self, cfg: GPTConfig, tp_group: ProcessGroup | None, generator: torch.Generator | None) -> None:
+    def __init__(self, cfg: GPTConfig, tp_group: Group, generator: torch.Generator | None) -> None:
         super().__init__()
         self._norm1 = nn.LayerNorm(cfg.emb_size, bias=cfg.bias)
         self._heads = MultiHeadAttention(
-            cfg.num_heads, cfg.emb_size, cfg.head_size, cfg.max_seq_len, cfg.dropout,
-            num_kv_heads=cfg.num_kv_heads, bias=cfg.bias, tp_group=tp_group, init_std=INIT_STD,
-            out_init_std=INIT_STD / math.sqrt(2 * cfg.num_layers), generator=generator,
+            cfg.num_heads,
+            cfg.emb_size,
+            cfg.head_size,
+            cfg.max_seq_len,
+            cfg.dropout,
+            num_kv_heads=cfg.num_kv_heads,
+            bias=cfg.bias,
+            tp_group=tp_group,
+            init_std=INIT_STD,
+            out_init_std=INIT_STD / math.sqrt(2 * cfg.num_layers),
+            generator=generator,
         )
         self._norm2 = nn.LayerNorm(cfg.emb_size, bias=cfg.bias)
         self._ff = FeedForward(cfg, tp_group, generator)
 
-    def forward(self, h: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        h = h + self._heads(self._norm1(h), kv_cache=kv_cache)  # all-reduce 1 (forward), 1 (backward)
-        return h + self._ff(self._norm2(h))  # all-reduce 2 (forward), 2 (backward)
+    def forward(
+        self, h: torch.Tensor, kv_cache: KVCache | None = None, sequence_parallel: bool = False
+    ) -> torch.Tensor:
+        attn = self._heads(self._norm1(h), kv_cache=kv_cache, sequence_parallel=sequence_parallel)
+        h = h + attn  # all-reduce 1 (forward), 1 (backward)
+        return h + self._ff(self._norm2(h), sequence_parallel)  # all-reduce 2 (forward), 2 (backward)
 
 
 class GPT(nn.Module):
@@ -113,11 +124,17 @@ class GPT(nn.Module):
 
     The seed project's signature: `GPT(vocab_size, max_seq_len, emb_size, num_heads, head_size,
     num_layers, dropout=0.1, **options)` with options `num_kv_heads`, `bias`, `tie_embeddings`,
-    `ffn_mult` (see GPTConfig), plus `tp_group` and `generator` (RNG for the full weights; one
-    seed gives the same logical model at every tp).
+    `ffn_mult` (see GPTConfig), plus `tp_group`, `generator` (RNG for the full weights; one
+    seed gives the same logical model at every tp) and `sequence_parallel`.
+
+    `sequence_parallel` (Korthikanti et al.; tp > 1): in training forwards, LayerNorms, dropout and
+    residual adds run on `T / tp` tokens per rank; all-gather enters and reduce-scatter leaves each
+    TP region. Call `tp_attention.grad_norm.sync_replicated_grads` after backward. Generation and
+    `attention_maps` run without it.
 
     Raises:
-        ValueError: an invalid size or option, or one tp cannot split (num_heads % tp, ...).
+        TypeError: a size is not an integer, or tp_group is not a group.
+        ValueError: an invalid size or option, or one tp cannot split (rules in `tp_attention.shapes`).
     """
 
     def __init__(
@@ -130,56 +147,53 @@ class GPT(nn.Module):
         num_layers: int,
         dropout: float = 0.1,
         *,
-        tp_group: ProcessGroup | None = None,
+        tp_group: Group = None,
         generator: torch.Generator | None = None,
+        sequence_parallel: bool = False,
         **options: Any,
     ) -> None:
         super().__init__()
-        cfg = GPTConfig.from_mapping(dict(vocab_size=vocab_size, max_seq_len=max_seq_len, emb_size=emb_size,
-                                          num_heads=num_heads, head_size=head_size, num_layers=num_layers,
-                                          dropout=dropout, **options))
-        self.config, self.tp_group = cfg, tp_group
-        self._token_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.emb_size, tp_group=tp_group,
-                                                        init_std=INIT_STD, generator=generator)
+        cfg = GPTConfig.from_mapping(
+            dict(
+                vocab_size=vocab_size,
+                max_seq_len=max_seq_len,
+                emb_size=emb_size,
+                num_heads=num_heads,
+                head_size=head_size,
+                num_layers=num_layers,
+                dropout=dropout,
+                **options,
+            )
+        )
+        check_gpt(cfg, tp_size(check_group(tp_group)))
+        self.config, self.tp_group, self.sequence_parallel = cfg, tp_group, sequence_parallel
+        self._token_embeddings = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.emb_size, tp_group=tp_group, init_std=INIT_STD, generator=generator
+        )
         self._position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.emb_size)
         nn.init.normal_(self._position_embeddings.weight, 0.0, INIT_STD, generator=generator)
         self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
         self._decoders = nn.ModuleList(Decoder(cfg, tp_group, generator) for _ in range(cfg.num_layers))
         self._norm = nn.LayerNorm(cfg.emb_size, bias=cfg.bias)
-        self._lm_head = None if cfg.tie_embeddings else VocabParallelEmbedding(
-            cfg.vocab_size, cfg.emb_size, tp_group=tp_group, init_std=INIT_STD, generator=generator)
+        self._lm_head = (
+            None
+            if cfg.tie_embeddings
+            else VocabParallelEmbedding(
+                cfg.vocab_size, cfg.emb_size, tp_group=tp_group, init_std=INIT_STD, generator=generator
+            )
+        )
 
     @classmethod
     def from_config(
-        cls, cfg: GPTConfig | Mapping[str, Any], tp_group: ProcessGroup | None = None,
+        cls,
+        cfg: GPTConfig | Mapping[str, Any],
+        tp_group: Group = None,
         generator: torch.Generator | None = None,
+        sequence_parallel: bool = False,
     ) -> GPT:
         """Build from a GPTConfig or a mapping of its fields (e.g. a Hydra config)."""
         values = asdict(cfg) if isinstance(cfg, GPTConfig) else dict(cfg)
-        return cls(**values, tp_group=tp_group, generator=generator)
-
-    @property
-    def sequence_parallel(self) -> bool:
-        """Sequence parallelism (Korthikanti et al.): between the TP regions, LayerNorms, dropout and
-        residual adds run on `T / tp` tokens per rank; all-gather enters and reduce-scatter leaves each
-        region. Only meaningful at tp > 1; then call `sync_replicated_grads` after backward.
-        Generation and `attention_maps` run without it."""
-        return self._token_embeddings.sequence_parallel
-
-    @sequence_parallel.setter
-    def sequence_parallel(self, on: bool) -> None:
-        for module in self.modules():
-            if hasattr(module, "sequence_parallel") and module is not self:
-                module.sequence_parallel = on
-
-    @contextmanager
-    def _without_sequence_parallel(self):
-        saved = self.sequence_parallel
-        self.sequence_parallel = False
-        try:
-            yield
-        finally:
-            self.sequence_parallel = saved
+        return cls(**values, tp_group=tp_group, generator=generator, sequence_parallel=sequence_parallel)
 
     @property
     def output_embeddings(self) -> VocabParallelEmbedding:
@@ -199,31 +213,39 @@ class GPT(nn.Module):
             value = ids[bad][0].item()
             raise ValueError(f"{what} holds id {value} outside the vocabulary [0, {self.config.vocab_size})")
 
-    def _hidden(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Final-LayerNorm hidden states `[B, T, E]` (replicated on every TP rank)."""
+    def _hidden(
+        self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None, sequence_parallel: bool = False
+    ) -> torch.Tensor:
+        """Final-LayerNorm hidden states `[B, T, E]` (replicated on every TP rank), or this rank's
+        tokens `[B, T / tp, E]` with `sequence_parallel`."""
         self._check_ids(idx, "idx")
         start = kv_caches[0].length if kv_caches else 0
-        if start + idx.size(1) > self.config.max_seq_len:
-            raise ValueError(f"seq_len = {start + idx.size(1)} exceeds max_seq_len = {self.config.max_seq_len}")
+        check_seq_len(start + idx.size(1), self.config.max_seq_len)
         positions = torch.arange(start, start + idx.size(1), device=idx.device)
         tp = tp_size(self.tp_group)
-        if self.sequence_parallel and tp > 1:  # this rank's tokens from here to the LM head
-            if idx.size(1) % tp != 0:
-                raise ValueError(f"sequence parallel: seq_len = {idx.size(1)} must be divisible by tp_size = {tp}")
+        sequence_parallel = sequence_parallel and tp > 1
+        if sequence_parallel:  # this rank's tokens from here to the LM head
+            check_sequence_parallel(idx.size(1), tp)
             positions = positions.chunk(tp)[tp_rank(self.tp_group)]
-        h = self._dropout(self._token_embeddings(idx) + self._position_embeddings(positions))  # (B, T[/tp], E)
+        h = self._token_embeddings(idx, sequence_parallel) + self._position_embeddings(positions)  # (B, T[/tp], E)
+        h = self._dropout(h, sequence_parallel)
         for i, block in enumerate(self._decoders):
-            h = block(h, None if kv_caches is None else kv_caches[i])
+            h = block(h, None if kv_caches is None else kv_caches[i], sequence_parallel)
         return self._norm(h)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_caches: list[KVCache] | None = None,
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_caches: list[KVCache] | None = None,
         ignore_index: int = -100,
     ) -> torch.Tensor:
         """Without `targets`: full logits `[B, T, vocab_size]` on every rank (gathered; for inference).
 
         With `targets` `[B, T]`: the mean next-token cross-entropy, computed from vocab-sharded
-        logits (the full logits are never built); targets equal to `ignore_index` are skipped.
+        logits (the full logits are never built); targets equal to `ignore_index` are skipped. Only this
+        training forward uses sequence parallelism (when the model was built with it).
         """
         head = self.output_embeddings
         if targets is None:
@@ -231,7 +253,9 @@ class GPT(nn.Module):
         self._check_ids(targets, "targets", allowed_extra=ignore_index)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
-        local_logits = head.logits(self._hidden(idx, kv_caches))  # (B, T, V_local)
+        sequence_parallel = self.sequence_parallel and kv_caches is None
+        hidden = self._hidden(idx, kv_caches, sequence_parallel)
+        local_logits = head.logits(hidden, sequence_parallel)  # (B, T, V_local)
         return vocab_parallel_cross_entropy(local_logits, targets, head.vocab_start, ignore_index, self.tp_group)
 
     def new_kv_caches(self) -> list[KVCache]:
@@ -241,8 +265,7 @@ class GPT(nn.Module):
     def next_token_logits(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
         """Full logits `[B, vocab_size]` of the last position only (without sequence parallelism)."""
         head = self.output_embeddings
-        with self._without_sequence_parallel():
-            return head.gather_logits(head.logits(self._hidden(idx, kv_caches)[:, -1:]))[:, 0]
+        return head.gather_logits(head.logits(self._hidden(idx, kv_caches)[:, -1:]))[:, 0]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Continue `idx`; see `tp_attention.generation.generate` for the options."""
@@ -257,10 +280,9 @@ class GPT(nn.Module):
         positions = torch.arange(idx.size(1), device=idx.device)
         h = self._token_embeddings(idx) + self._position_embeddings(positions)
         maps = []
-        with self._without_sequence_parallel():
-            for block in self._decoders:
-                maps.append(block._heads.get_attention_weights(block._norm1(h), gather=gather))
-                h = block(h)
+        for block in self._decoders:
+            maps.append(block._heads.get_attention_weights(block._norm1(h), gather=gather))
+            h = block(h)
         return torch.stack(maps)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -282,7 +304,7 @@ class GPT(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, tp_group: ProcessGroup | None = None) -> GPT:
+    def load(cls, path: str | os.PathLike, tp_group: Group = None) -> GPT:
         """Load a model written by `save` (a directory or its `.safetensors` file) at any tp.
 
         Raises:

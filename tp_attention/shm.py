@@ -11,6 +11,8 @@ every other rank has published the next call, which it does only after it finish
 
 Used only where it is safe: CPU tensors, every rank of the group on this host, x86-64 (whose stores
 are seen in program order). Anything else, and tensors larger than the buffer, go to the process group.
+A group uses it only when built for it: `with_shared_memory(group)` returns the `TPGroup` to pass
+to the layers.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tp_attention.distributed import ProcessGroup
+from tp_attention.distributed import ProcessGroup, TPGroup
 
-_COMMUNICATORS: dict[ProcessGroup, SharedMemoryCollectives] = {}
 SLOT_ALIGN = 64
+# torch.library ops take strings, not objects: the compiled collectives (tp_attention.mappings) name
+# their communicator by its segment name, and this table turns the name back into the object.
+_BY_NAME: dict[str, SharedMemoryCollectives] = {}
 
 
 class SharedMemoryCollectives:
@@ -54,13 +58,20 @@ class SharedMemoryCollectives:
             self.shm = shared_memory.SharedMemory(name=name[0])
             resource_tracker.unregister(self.shm._name, "shared_memory")  # rank 0 owns and unlinks it
         dist.barrier(group=group)
-        self.counters = np.ndarray((self.world,), dtype=np.int64, buffer=self.shm.buf, offset=0,
-                                   strides=(SLOT_ALIGN,))
+        self.counters = np.ndarray((self.world,), dtype=np.int64, buffer=self.shm.buf, offset=0, strides=(SLOT_ALIGN,))
         if self.rank == 0:
             self.counters[:] = 0
         dist.barrier(group=group)
-        self.data = torch.frombuffer(self.shm.buf, dtype=torch.uint8, offset=SLOT_ALIGN * self.world,
-                                     count=2 * self.world * max_bytes).view(2, self.world, max_bytes)
+        self.data = torch.frombuffer(
+            self.shm.buf, dtype=torch.uint8, offset=SLOT_ALIGN * self.world, count=2 * self.world * max_bytes
+        ).view(2, self.world, max_bytes)
+        self.name = name[0]
+        _BY_NAME[self.name] = self
+
+    @staticmethod
+    def by_name(name: str) -> SharedMemoryCollectives:
+        """The open communicator whose segment is `name`."""
+        return _BY_NAME[name]
 
     def fits(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= self.max_bytes
@@ -100,8 +111,7 @@ class SharedMemoryCollectives:
         `tensor.size(dim)` must be divisible by the group size (the caller checks).
         """
         parts = self._exchange(tensor, "reduce_scatter")
-        return self._reduce([p.chunk(self.world, dim=dim)[self.rank] for p in parts], dist.ReduceOp.SUM) \
-            .contiguous()
+        return self._reduce([p.chunk(self.world, dim=dim)[self.rank] for p in parts], dist.ReduceOp.SUM).contiguous()
 
     def _wait_for_all(self, name: str) -> None:
         """Spin briefly, then yield the core (ranks may outnumber cores), then sleep; give up at the timeout."""
@@ -114,48 +124,34 @@ class SharedMemoryCollectives:
                 start = time.monotonic()
             waited = time.monotonic() - start
             if waited > self.timeout_s:
-                raise RuntimeError(f"shared-memory {name.replace('_', '-')} timed out after {self.timeout_s:g} s "
-                                   f"waiting for ranks {np.flatnonzero(self.counters < self.seq).tolist()}")
+                raise RuntimeError(
+                    f"shared-memory {name.replace('_', '-')} timed out after {self.timeout_s:g} s "
+                    f"waiting for ranks {np.flatnonzero(self.counters < self.seq).tolist()}"
+                )
             time.sleep(1e-4) if waited > 0.01 else os.sched_yield()
 
     def close(self) -> None:
+        """Free the shared buffer (rank 0 also unlinks it). The communicator is unusable afterwards."""
+        if _BY_NAME.pop(self.name, None) is None:
+            return
         self.data = self.counters = None
         self.shm.close()
         if self.rank == 0:
             self.shm.unlink()
 
 
-def enable_shared_memory_collectives(group: ProcessGroup | None, timeout_s: float = 600.0) -> bool:
-    """Route `group`'s all-reduces, all-gathers and reduce-scatters through shared memory if every rank
-    is on this host (a collective).
-
-    Returns whether it was enabled. Safe to call on any group: it declines (False) for groups of
-    one, groups spanning machines, and non-x86-64 hosts.
-    """
-    if group is None or dist.get_world_size(group) == 1:
+def can_share_memory(group: ProcessGroup) -> bool:
+    """Whether every rank of `group` is on this host, an x86-64 one, and there are several (a collective)."""
+    if dist.get_world_size(group) == 1:
         return False
     hosts = [None] * dist.get_world_size(group)
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    if len(set(hosts)) != 1 or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    if group not in _COMMUNICATORS:
-        _COMMUNICATORS[group] = SharedMemoryCollectives(group, timeout_s=timeout_s)
-    return True
+    return len(set(hosts)) == 1 and platform.machine().lower() in ("x86_64", "amd64")
 
 
-def disable_shared_memory_collectives(group: ProcessGroup) -> None:
-    """Go back to the process group's own collectives and free the shared buffer."""
-    communicator = _COMMUNICATORS.pop(group, None)
-    if communicator is not None:
-        communicator.close()
-
-
-def communicator(group: ProcessGroup | None) -> SharedMemoryCollectives | None:
-    """The shared-memory communicator enabled for `group`, if any."""
-    return _COMMUNICATORS.get(group) if group is not None else None
-
-
-def communicator_for(group: ProcessGroup | None, tensor: torch.Tensor) -> SharedMemoryCollectives | None:
-    """The shared-memory communicator to use for `tensor` (what this rank publishes) on `group`, if any."""
-    found = communicator(group)
-    return found if found is not None and found.fits(tensor) else None
+def with_shared_memory(group: ProcessGroup, timeout_s: float = 600.0) -> TPGroup:
+    """`group` with its all-reduces, all-gathers and reduce-scatters of CPU tensors through shared
+    memory, where `can_share_memory(group)`; otherwise a TPGroup using the process group alone.
+    A collective over `group`. Free the buffer with `result.shared_memory.close()`."""
+    shared = SharedMemoryCollectives(group, timeout_s=timeout_s) if can_share_memory(group) else None
+    return TPGroup(group, shared)

@@ -14,11 +14,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
+from tp_attention.distributed import Group, process_group, tp_rank, tp_size
 from tp_attention.layers import ShardSpec
 
 
-def sharded_parameters(model: nn.Module) -> dict[str, tuple[ShardSpec, ProcessGroup | None]]:
+def sharded_parameters(model: nn.Module) -> dict[str, tuple[ShardSpec, Group]]:
     """`{qualified name: (spec, tp_group)}` for every sharded tensor of `model`."""
     found = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
@@ -28,13 +28,13 @@ def sharded_parameters(model: nn.Module) -> dict[str, tuple[ShardSpec, ProcessGr
     return found
 
 
-def gather_shard(local: torch.Tensor, spec: ShardSpec, group: ProcessGroup | None) -> torch.Tensor:
+def gather_shard(local: torch.Tensor, spec: ShardSpec, group: Group) -> torch.Tensor:
     """The full tensor from every rank's `local` chunk (a collective over `group`)."""
     tp = tp_size(group)
     if tp == 1:
         return spec.trim(local)
     parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=group)
+    dist.all_gather(parts, local.contiguous(), group=process_group(group))
     first_holders = [i * tp // spec.num_shards for i in range(spec.num_shards)]
     return spec.trim(torch.cat([parts[r] for r in first_holders], dim=spec.dim))
 
@@ -46,8 +46,7 @@ def gather_full(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[s
     """
     specs = sharded_parameters(model)
     return {
-        name: gather_shard(t.detach(), *specs[name]) if name in specs else t.detach()
-        for name, t in tensors.items()
+        name: gather_shard(t.detach(), *specs[name]) if name in specs else t.detach() for name, t in tensors.items()
     }
 
 
@@ -141,8 +140,12 @@ def dcp_state_dict(
         shape[spec.dim] = spec.full_size or local.size(spec.dim) * tp
         real = max(0, min(local.size(spec.dim), shape[spec.dim] - rank * local.size(spec.dim)))
         wrapped[name] = DTensor.from_local(
-            local.narrow(spec.dim, 0, real), mesh, [*replicate[:-1], Shard(spec.dim)], run_check=False,
-            shape=torch.Size(shape), stride=_contiguous_strides(shape),
+            local.narrow(spec.dim, 0, real),
+            mesh,
+            [*replicate[:-1], Shard(spec.dim)],
+            run_check=False,
+            shape=torch.Size(shape),
+            stride=_contiguous_strides(shape),
         )
 
     def finish() -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tp_attention.distributed import ProcessGroup, tp_rank, tp_size
+from tp_attention.distributed import Group, check_group, tp_rank, tp_size
 from tp_attention.layers import ShardSpec, column_parallel_linear
 from tp_attention.mappings import all_reduce_in_place, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 
@@ -21,7 +21,8 @@ class VocabParallelEmbedding(nn.Module):
     """Token embedding `[vocab_size, emb_size]` with the rows split over `tp_group`.
 
     forward: ids `[B, T]` -> `[B, T, E]`. Ids outside this rank's rows look up zeros; one
-    all-reduce sums the ranks. `logits(h)` uses the same weight as an output layer (tied LM head).
+    all-reduce sums the ranks (a reduce-scatter over tokens with `sequence_parallel`: `[B, T / tp, E]`).
+    `logits(h)` uses the same weight as an output layer (tied LM head).
     """
 
     def __init__(
@@ -29,34 +30,34 @@ class VocabParallelEmbedding(nn.Module):
         vocab_size: int,
         emb_size: int,
         *,
-        tp_group: ProcessGroup | None = None,
+        tp_group: Group = None,
         init_std: float = 0.02,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        tp, rank = tp_size(tp_group), tp_rank(tp_group)
+        tp, rank = tp_size(check_group(tp_group)), tp_rank(tp_group)
         spec = ShardSpec(dim=0, num_shards=tp, full_size=vocab_size)
         self.vocab_size, self.emb_size, self.tp_group = vocab_size, emb_size, tp_group
         self.tp_shards = {"weight": spec}
         self.local_vocab = spec.padded_size(vocab_size) // tp
         self.vocab_start = rank * self.local_vocab
         self.local_real = max(0, min(self.local_vocab, vocab_size - self.vocab_start))  # rows that are not pad
-        self.sequence_parallel = False  # embed: reduce-scatter over tokens; logits: all-gather tokens first
         full = torch.empty(vocab_size, emb_size).normal_(0.0, init_std, generator=generator)
         self.weight = nn.Parameter(spec.slice(full, rank, tp).clone())
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         if tp_size(self.tp_group) == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.local_vocab)
         emb = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)  # (B, T, E)
-        reduce = reduce_scatter_to_sp if self.sequence_parallel else reduce_from_tp
+        reduce = reduce_scatter_to_sp if sequence_parallel else reduce_from_tp
         return reduce(emb, self.tp_group)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """This rank's logits `[B, T, local_vocab]` for hidden states `h` `[B, T, E]`; pad columns are -inf."""
-        logits = column_parallel_linear(h, self.weight, None, self.tp_group, self.sequence_parallel)  # all tokens
+    def logits(self, h: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """This rank's logits `[B, T, local_vocab]` for hidden states `h` `[B, T, E]` (this rank's tokens
+        `[B, T / tp, E]` with `sequence_parallel`: all-gathered first); pad columns are -inf."""
+        logits = column_parallel_linear(h, self.weight, None, self.tp_group, sequence_parallel)  # all tokens
         if self.local_real < self.local_vocab:
             pad = torch.arange(self.local_vocab, device=logits.device) >= self.local_real
             logits = logits.masked_fill(pad, float("-inf"))
@@ -67,8 +68,10 @@ class VocabParallelEmbedding(nn.Module):
         return gather_from_tp(local_logits, self.tp_group)[..., : self.vocab_size]
 
     def extra_repr(self) -> str:
-        return (f"vocab_size={self.vocab_size}, emb_size={self.emb_size}, local_vocab={self.local_vocab}, "
-                f"vocab_start={self.vocab_start}")
+        return (
+            f"vocab_size={self.vocab_size}, emb_size={self.emb_size}, local_vocab={self.local_vocab}, "
+            f"vocab_start={self.vocab_start}"
+        )
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -106,7 +109,7 @@ def vocab_parallel_cross_entropy(
     target: torch.Tensor,
     vocab_start: int = 0,
     ignore_index: int = -100,
-    tp_group: ProcessGroup | None = None,
+    tp_group: Group = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over the non-ignored targets, from logits split along the vocab.
 

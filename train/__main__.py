@@ -1,4 +1,5 @@
-"""`python -m train [overrides]` (also the `tp-train` console script); configs live in conf/.
+"""`python -m train [overrides]` (also the `tp-train` console script); configs live in conf/
+(installed: train/conf).
 
 Errors a person can fix print as one line and exit non-zero: a config error (exit 2, checked
 before Hydra starts the job where possible) or a training error (exit 1).
@@ -12,9 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import ConfigError, TrainingError, register
+from train.config import CONF_DIR, ConfigError, TrainingError, register
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 register()
 
 
@@ -37,7 +37,7 @@ def precheck(overrides: list[str]) -> None:
         raise ConfigError(f"trainer.out_dir = {str(out)!r} cannot be created ({e.strerror})") from None
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from train.main import run
 

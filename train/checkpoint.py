@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -30,8 +31,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.device_mesh import DeviceMesh
 
 from tp_attention.state_dict import dcp_state_dict, full_shapes
-from train import faults
 from train.config import ConfigError, TrainingError
+from train.ranks import barrier, is_main_process
 
 log = logging.getLogger(__name__)
 META = "meta.json"
@@ -76,8 +77,9 @@ def latest_valid(run_dirs: list[Path]) -> tuple[Path | None, list[str]]:
 
     Every broken checkpoint passed over is logged as a warning.
     """
-    candidates = sorted((c for d in run_dirs for c in checkpoint_dirs(d)),
-                        key=lambda c: (c.stat().st_mtime, c.name), reverse=True)
+    candidates = sorted(
+        (c for d in run_dirs for c in checkpoint_dirs(d)), key=lambda c: (c.stat().st_mtime, c.name), reverse=True
+    )
     problems = []
     for candidate in candidates:
         problem = verify(candidate)
@@ -94,11 +96,17 @@ def check_compatible(path: Path, model: nn.Module) -> None:
     Raises:
         ConfigError: a parameter is missing, unexpected, or has another (full) shape.
     """
-    saved = {k.removeprefix("model."): tuple(v.size) for k, v in
-             FileSystemReader(str(path)).read_metadata().state_dict_metadata.items() if k.startswith("model.")}
+    saved = {
+        k.removeprefix("model."): tuple(v.size)
+        for k, v in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+        if k.startswith("model.")
+    }
     expected = {k: tuple(v) for k, v in full_shapes(model).items()}
-    problems = [f"{k}: checkpoint {saved[k]} != model {shape}" for k, shape in expected.items()
-                if k in saved and saved[k] != shape]
+    problems = [
+        f"{k}: checkpoint {saved[k]} != model {shape}"
+        for k, shape in expected.items()
+        if k in saved and saved[k] != shape
+    ]
     problems += [f"{k}: missing from the checkpoint" for k in expected if k not in saved]
     problems += [f"{k}: not in the model" for k in saved if k not in expected]
     if problems:
@@ -127,55 +135,78 @@ def _quiet_single_process():
         yield
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
-def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-         mesh: DeviceMesh | None, extra: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep`. A collective."""
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
-    if is_main:
-        for stale in root.glob(".tmp-step_*"):  # left by a crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    state, _ = _state(model, optimizer, mesh)
-    try:
-        faults.inject("enospc_in_save", step, rank)
+def normalize_path(path: Path) -> Path:
+    """`path`, or its zero-padded form when it names `.../step_N` that exists as `.../step_0000000N`."""
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    if match and not path.exists():
+        padded = path.with_name(checkpoint_name(int(match.group(1))))
+        return padded if padded.exists() else path
+    return path
+
+
+class Checkpointer:
+    """The checkpoints of one run: each save atomic and verified, the newest `keep` kept.
+
+    `save` is a collective (every rank calls it). It writes into a temporary directory (`write`, every
+    rank), rank 0 records each file's size and SHA-256 (`seal`), and only then renames it into place.
+    """
+
+    def __init__(self, run_dir: Path, mesh: DeviceMesh | None, keep: int) -> None:
+        self.run_dir, self.mesh, self.keep = Path(run_dir), mesh, keep
+        self.root = self.run_dir / "checkpoints"
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+        """Write checkpoint `step`; returns its directory.
+
+        Raises:
+            TrainingError: the disk filled up (the partial save is removed, the previous one kept).
+        """
+        final, tmp = self.root / checkpoint_name(step), self.root / f".tmp-{checkpoint_name(step)}"
+        if is_main_process():
+            for stale in self.root.glob(".tmp-step_*"):  # left by a crash mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        state, _ = _state(model, optimizer, self.mesh)
+        try:
+            self.write(tmp, state)
+            if is_main_process():
+                self.seal(tmp, {"step": step, **extra})
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = checkpoint_dirs(self.run_dir)
+            raise TrainingError(
+                f"disk full while writing checkpoint step {step} to {self.root} ({e.strerror}); "
+                f"the last complete checkpoint is {previous[-1] if previous else 'none'}"
+            ) from e
+        if is_main_process():
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in checkpoint_dirs(self.run_dir)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def write(self, directory: Path, state: dict[str, Any]) -> None:
+        """Every rank writes its shards of `state` into `directory` (DCP); returns when all have."""
         with _quiet_single_process():
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        _barrier()
-        faults.inject("crash_in_save", step, rank)
-        if is_main:
-            _seal(tmp, {"step": step, **extra})
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = checkpoint_dirs(run_dir)
-        raise TrainingError(f"disk full while writing checkpoint step {step} to {root} ({e.strerror}); "
-                            f"the last complete checkpoint is {previous[-1] if previous else 'none'}") from e
-    if is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+            dcp.save(state, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
+        barrier()
 
-
-def _seal(directory: Path, meta: dict[str, Any]) -> None:
-    """Record each file's size and SHA-256 in meta.json and flush it to disk."""
-    meta["files"] = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(directory.iterdir())}
-    with (directory / META).open("w") as f:
-        json.dump(meta, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
+    @staticmethod
+    def seal(directory: Path, meta: dict[str, Any]) -> None:
+        """Record each file's size and SHA-256 in meta.json and flush it to disk."""
+        meta["files"] = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(directory.iterdir())}
+        with (directory / META).open("w") as f:
+            json.dump(meta, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer, step: int) -> None:

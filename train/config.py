@@ -10,11 +10,17 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from tp_attention.model import GPTConfig
+from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel
+
+# A wheel carries the configs in train/conf; a checkout has them in its top-level conf/, where people edit them
+_HERE = Path(__file__).resolve().parent
+CONF_DIR = _HERE / "conf" if (_HERE / "conf" / "config.yaml").is_file() else _HERE.parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -33,7 +39,8 @@ class ModelConfig(GPTConfig):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        """Checked by `validate` (with the rest of the config) instead: vocab_size may still be open."""
+        """GPTConfig's rules, named as in the config; vocab_size None means the tokenizer's."""
+        _as_config_error(check_gpt, self, prefix="model.", vocab_size_optional=True)
 
 
 @dataclass
@@ -121,6 +128,14 @@ def register() -> None:
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
 
 
+def _as_config_error(check, *args, **kwargs) -> None:
+    """Run one of tp_attention.shapes' checks, its ValueError/TypeError raised as a ConfigError."""
+    try:
+        check(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} = {value!r} must be one of {', '.join(allowed)}")
@@ -136,14 +151,27 @@ def _positive(cfg, names: tuple[str, ...], prefix: str) -> None:
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Check the relations between values. Raises ConfigError naming the value and the rule."""
     m, d, o, p, t = cfg.model, cfg.data, cfg.optim, cfg.parallel, cfg.trainer
-    _positive(m, ("vocab_size", "max_seq_len", "emb_size", "num_heads", "head_size", "num_layers", "num_kv_heads",
-                  "ffn_mult"), "model")
-    _positive(t, ("max_steps", "micro_batch", "grad_accum", "seq_len", "eval_interval", "eval_batches",
-                  "log_interval", "checkpoint_interval", "keep_checkpoints", "max_bad_steps"), "trainer")
-    _positive(o, ("lr", "decay_steps"), "optim")
     _positive(p, ("tp", "timeout_s"), "parallel")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout = {m.dropout} must be in [0, 1)")
+    if world_size % p.tp != 0:
+        raise ConfigError(f"world_size = {world_size} must be divisible by parallel.tp = {p.tp}")
+    _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
+    _positive(
+        t,
+        (
+            "max_steps",
+            "micro_batch",
+            "grad_accum",
+            "seq_len",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "checkpoint_interval",
+            "keep_checkpoints",
+            "max_bad_steps",
+        ),
+        "trainer",
+    )
+    _positive(o, ("lr", "decay_steps"), "optim")
     if o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr = {o.min_lr} must be in [0, optim.lr = {o.lr}]")
     if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
@@ -160,20 +188,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in (0, 1)")
     if d.tokenizer == "bpe" and d.bpe_vocab_size <= 256:
         raise ConfigError(f"data.bpe_vocab_size = {d.bpe_vocab_size} must exceed 256 (the byte alphabet)")
-    if t.seq_len > m.max_seq_len:
-        raise ConfigError(f"trainer.seq_len = {t.seq_len} must be <= model.max_seq_len = {m.max_seq_len}")
-    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads != 0:
-        raise ConfigError(f"model.num_heads = {m.num_heads} must be divisible by model.num_kv_heads = {m.num_kv_heads}")
-    if world_size % p.tp != 0:
-        raise ConfigError(f"world_size = {world_size} must be divisible by parallel.tp = {p.tp}")
-    if m.num_heads % p.tp != 0:
-        raise ConfigError(f"model.num_heads = {m.num_heads} must be divisible by parallel.tp = {p.tp}")
-    kv = m.num_kv_heads or m.num_heads
-    if kv % p.tp != 0 and p.tp % kv != 0:
-        raise ConfigError(f"model.num_kv_heads = {kv} must be divisible by parallel.tp = {p.tp} or divide it")
-    if (m.ffn_mult * m.emb_size) % p.tp != 0:
-        raise ConfigError(f"model.ffn_mult * model.emb_size = {m.ffn_mult * m.emb_size} must be divisible by "
-                          f"parallel.tp = {p.tp}")
-    if p.sequence_parallel and t.seq_len % p.tp != 0:
-        raise ConfigError(f"trainer.seq_len = {t.seq_len} must be divisible by parallel.tp = {p.tp} "
-                          "with parallel.sequence_parallel = true")
+    _as_config_error(check_seq_len, t.seq_len, m.max_seq_len, name="trainer.seq_len", max_name="model.max_seq_len")
+    if p.sequence_parallel:
+        _as_config_error(check_sequence_parallel, t.seq_len, p.tp, name="trainer.seq_len", tp_name="parallel.tp")

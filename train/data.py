@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tp_attention.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, load_tokenizer
 from train.config import ConfigError, DataConfig
+from train.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, load_tokenizer
 
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".xml", ".tex", ".c", ".h"}
@@ -81,8 +81,21 @@ def documents(cfg: DataConfig) -> Iterator[tuple[str, bytes]]:
 
 def cache_key(cfg: DataConfig) -> str:
     """A hash of everything that shapes the token files (for files: names, sizes, mtimes)."""
-    parts = {k: getattr(cfg, k) for k in ("source", "path", "hf_name", "hf_config", "hf_split", "hf_text_field",
-                                          "tokenizer", "bpe_vocab_size", "val_fraction", "max_bytes")}
+    parts = {
+        k: getattr(cfg, k)
+        for k in (
+            "source",
+            "path",
+            "hf_name",
+            "hf_config",
+            "hf_split",
+            "hf_text_field",
+            "tokenizer",
+            "bpe_vocab_size",
+            "val_fraction",
+            "max_bytes",
+        )
+    }
     if cfg.source != "hf":
         files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
         parts["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -109,8 +122,10 @@ def build_token_files(cfg: DataConfig, directory: Path) -> None:
     if cfg.tokenizer == "bpe":
         tokenizer = BPETokenizer.train((d.decode("utf-8", errors="replace") for _, d in docs), cfg.bpe_vocab_size)
         if tokenizer.vocab_size <= 256:
-            raise ConfigError(f"BPE learned only {tokenizer.vocab_size} tokens: the corpus is too small for "
-                              f"data.bpe_vocab_size = {cfg.bpe_vocab_size}")
+            raise ConfigError(
+                f"BPE learned only {tokenizer.vocab_size} tokens: the corpus is too small for "
+                f"data.bpe_vocab_size = {cfg.bpe_vocab_size}"
+            )
     else:
         tokenizer = ByteTokenizer()
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -127,9 +142,15 @@ def build_token_files(cfg: DataConfig, directory: Path) -> None:
     train.tofile(directory / "train.bin")
     val.tofile(directory / "val.bin")
     tokenizer.save(directory)
-    meta = {"dtype": np.dtype(dtype).name, "train_tokens": len(train), "val_tokens": len(val),
-            "documents": len(docs), "bytes": sum(len(d) for _, d in docs), "tokenizer": cfg.tokenizer,
-            "vocab_size": tokenizer.vocab_size}
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": len(train),
+        "val_tokens": len(val),
+        "documents": len(docs),
+        "bytes": sum(len(d) for _, d in docs),
+        "tokenizer": cfg.tokenizer,
+        "vocab_size": tokenizer.vocab_size,
+    }
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -175,8 +196,10 @@ def prepare_data(cfg: DataConfig, is_main: bool, barrier: Callable[[], None], se
     val = np.memmap(directory / "val.bin", dtype=dtype, mode="r")
     for split, tokens in (("train", train), ("validation", val)):
         if len(tokens) < seq_len + 1:
-            raise ConfigError(f"the {split} split has {len(tokens)} tokens, fewer than one window of "
-                              f"trainer.seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len")
+            raise ConfigError(
+                f"the {split} split has {len(tokens)} tokens, fewer than one window of "
+                f"trainer.seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len"
+            )
     tokenizer = load_tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else ByteTokenizer()
     return TokenData(train, val, tokenizer, directory)
 
@@ -190,8 +213,14 @@ def windows(tokens: np.ndarray, count: int, seq_len: int, rng: np.random.Generat
 
 
 def step_batch(
-    tokens: np.ndarray, step: int, seed: int, micro_batch: int, grad_accum: int, seq_len: int,
-    dp_rank: int, dp_size: int,
+    tokens: np.ndarray,
+    step: int,
+    seed: int,
+    micro_batch: int,
+    grad_accum: int,
+    seq_len: int,
+    dp_rank: int,
+    dp_size: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This DP rank's micro-batches of training step `step`.
 

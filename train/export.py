@@ -2,7 +2,8 @@
 
     python -m train.export CHECKPOINT [OUT]      (also: tp-export)
 
-CHECKPOINT is a `checkpoints/step_*` directory or a run directory (its newest intact checkpoint).
+CHECKPOINT is a `checkpoints/step_N` directory (`step_1000` or `step_00001000`) or a run directory
+(its newest intact checkpoint).
 OUT defaults to `<run dir>/export-step_<N>`. The run's tokenizer.json (BPE) is copied alongside.
 """
 
@@ -23,6 +24,7 @@ def export(source: Path, out: Path | None = None) -> Path:
     Raises:
         FileNotFoundError: no intact checkpoint at `source`.
     """
+    source = checkpoint.normalize_path(source)
     path = source if (source / checkpoint.META).is_file() else checkpoint.latest_valid([source])[0]
     problem = "no checkpoint found" if path is None else checkpoint.verify(path)
     if problem:

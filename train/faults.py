@@ -4,7 +4,8 @@
 
 `step` is a completed-step count (or a range `a-b`); `rank` a global rank (default: every rank).
 Faults fire only in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT unset or 0),
-so a restarted job runs clean. Unset in normal runs: every check is one dict lookup.
+so a restarted job runs clean. `install(trainer)` wraps the trainer's methods where a fault is set;
+with TP_FAULT unset it does nothing, and the training loop holds no fault code at all.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
 
 
-def _parse(spec: str) -> list[tuple[str, int, int, int | None]]:
+def parse(spec: str) -> list[tuple[str, int, int, int | None]]:
+    """`[(kind, first_step, last_step, rank or None)]` from a TP_FAULT value."""
     faults = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, where = item.partition("@")
@@ -25,23 +30,50 @@ def _parse(spec: str) -> list[tuple[str, int, int, int | None]]:
     return faults
 
 
-def active(kind: str, step: int, rank: int) -> bool:
-    """Whether fault `kind` is set for this step and rank in this attempt."""
+def install(trainer: Any) -> None:
+    """Wrap `trainer.train_step` (kill, hang, raise before the step), `trainer.loss` (nan) and
+    `trainer.checkpointer.write` (enospc before writing, crash after) where TP_FAULT sets a fault."""
     spec = os.environ.get("TP_FAULT")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return False
-    return any(k == kind and lo <= step <= hi and r in (None, rank) for k, lo, hi, r in _parse(spec))
-
-
-def inject(kind: str, step: int, rank: int) -> None:
-    """Act out `kill`, `hang`, `raise`, `crash_in_save` or `enospc_in_save` if it is set here."""
-    if not active(kind, step, rank):
         return
-    if kind in ("kill", "crash_in_save"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if kind == "hang":
-        time.sleep(3600)
-    if kind == "raise":
-        raise RuntimeError(f"injected failure at step {step} on rank {rank}")
-    if kind == "enospc_in_save":
-        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+    faults, rank = parse(spec), trainer.rank
+    current = {"step": 0}  # the step being trained or saved (1-based)
+
+    def active(kind: str) -> bool:
+        return any(k == kind and lo <= current["step"] <= hi and r in (None, rank) for k, lo, hi, r in faults)
+
+    def wrap(
+        owner: Any, name: str, before: Callable[..., None] | None = None, after: Callable[[Any], Any] | None = None
+    ) -> None:
+        original = getattr(owner, name)
+
+        @wraps(original)
+        def wrapper(*args: Any) -> Any:
+            if before:
+                before(*args)
+            result = original(*args)
+            return after(result) if after else result
+
+        setattr(owner, name, wrapper)
+
+    def before_step(step: int) -> None:
+        current["step"] = step + 1
+        if active("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if active("hang"):
+            time.sleep(3600)
+        if active("raise"):
+            raise RuntimeError(f"injected failure at step {step + 1} on rank {rank}")
+
+    def before_write(*_: Any) -> None:
+        if active("enospc_in_save"):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def after_write(result: Any) -> Any:
+        if active("crash_in_save"):  # every rank has written its shards; nothing is sealed yet
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    wrap(trainer, "train_step", before=before_step)
+    wrap(trainer, "loss", after=lambda loss: loss * float("nan") if active("nan") else loss)
+    wrap(trainer.checkpointer, "write", before=before_write, after=after_write)

@@ -1,0 +1,403 @@
+"""The training job in parts, in the order they run (torchtitan's Trainer, nanoGPT's brevity).
+
+    trainer = Trainer(conf, cfg, hydra_dir)   setup: process groups, run dir, data, model, optimizer, resume
+    trainer.train_step(step)                  one optimizer step: forward_backward per micro-batch, clip, update
+    trainer.evaluate()                        validation loss
+    trainer.save_checkpoint(step)
+    trainer.train()                           the loop: steps, then logging, evaluation, checkpoints when due
+    trainer.finish()                          export, sample, loss plot
+
+Layout: our own `(dp, tp)` mesh; the model's TP layers use the tp group, DDP syncs gradients over
+the dp group only (accelerate's `prepare(model)` would wrap DDP over *all* ranks and destroy the
+shards, so only the optimizer goes through accelerate). Every TP rank of a group sees the same
+batch; DP ranks see their share of one global batch that depends only on (seed, step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from tp_attention.distributed import init_parallel_groups
+from tp_attention.flops import flops_per_token
+from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
+from tp_attention.model import GPT, GPTConfig
+from train import checkpoint, faults
+from train.config import ConfigError, TrainConfig, TrainingError
+from train.data import eval_batches, prepare_data, step_batch
+from train.flops import measure_peak_flops, mfu
+from train.metrics import Metrics
+from train.phases import phase
+from train.plots import save_loss_plot
+from train.ranks import all_ranks_agree, broadcast_object, on_main
+from train.resume import resolve_resume
+from train.run_dir import agree_on_run_dir, check_output_space, setup_logging, write_hydra_files
+from train.schedule import lr_at
+
+log = logging.getLogger("train")
+
+
+def step_seed(seed: int, step: int, dp_rank: int) -> int:
+    """Dropout RNG seed: the same on the TP ranks of a group, different across DP ranks and steps."""
+    return (seed * 1_000_003 + step * 1_009 + dp_rank) % 2**63
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """nanoGPT's split: weight decay on matrices and embeddings, none on biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def device_type_for(conf: TrainConfig) -> str:
+    """The device `parallel.device` asks for, checked against what this machine has.
+
+    Raises:
+        ConfigError: CUDA asked for but absent, or fp16 without CUDA.
+    """
+    p, t = conf.parallel, conf.trainer
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("parallel.device = 'cuda' but no CUDA device is visible")
+    if t.mixed_precision == "fp16" and device_type != "cuda":
+        raise ConfigError("trainer.mixed_precision = 'fp16' needs a CUDA device; use bf16 on CPU")
+    return device_type
+
+
+@dataclass
+class StepResult:
+    """What one training step did."""
+
+    done: int  # steps completed, counting this one
+    loss: torch.Tensor  # mean over the step's micro-batches (this DP rank), on the device
+    grad_norm: torch.Tensor
+    finite: bool  # loss and gradients finite on every rank: the update was applied
+    lr: float
+    seconds: float
+
+
+class LogWindow:
+    """The steps since the last log line: their time, and the loss of those that were applied."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.good_steps, self.seconds = 0, 0, 0.0
+
+    def add(self, result: StepResult) -> None:
+        self.steps, self.seconds = self.steps + 1, self.seconds + result.seconds
+        if result.finite:
+            self.loss_sum += result.loss
+            self.good_steps += 1
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.good_steps, self.seconds = 0, 0, 0.0
+
+
+class NonFiniteGuard:
+    """Counts steps skipped for a non-finite loss or gradient; stops the run after `max_bad_steps` in a row."""
+
+    def __init__(self, max_bad_steps: int) -> None:
+        self.max_bad_steps, self.skipped, self.streak = max_bad_steps, 0, 0
+
+    def check(self, result: StepResult, last_saved: int, checkpoints: Path) -> None:
+        """Raises TrainingError once the streak of skipped steps reaches the limit."""
+        if result.finite:
+            self.streak = 0
+            return
+        self.skipped, self.streak = self.skipped + 1, self.streak + 1
+        log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", result.done, self.streak)
+        if self.streak >= self.max_bad_steps:
+            raise TrainingError(
+                f"{self.streak} consecutive steps with non-finite loss or gradients (trainer.max_bad_steps = "
+                f"{self.max_bad_steps}), stopped at step {result.done}; the last good checkpoint is step "
+                f"{last_saved} in {checkpoints}"
+            )
+
+
+class Trainer:
+    """One training run, set up in `__init__` (a collective: every rank builds one)."""
+
+    def __init__(self, conf: TrainConfig, cfg: DictConfig, hydra_dir: Path) -> None:
+        self.conf, self.cfg = conf, cfg
+        self._setup_parallel(hydra_dir)
+        self._setup_data()
+        self._setup_model()
+        self._resume()
+        self._setup_measures()
+        faults.install(self)
+
+    def _setup_parallel(self, hydra_dir: Path) -> None:
+        """Process groups (ours first; accelerate adopts them), the run dir, logging, accelerate."""
+        p, t = self.conf.parallel, self.conf.trainer
+        self.device_type = device_type_for(self.conf)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        shared_memory = self.device_type == "cpu" and p.shm_collectives
+        self.groups = (
+            init_parallel_groups(p.tp, self.device_type, p.timeout_s, shared_memory) if self.world > 1 else None
+        )
+        self.mesh, self.tp_group = (self.groups.mesh, self.groups.tp_group) if self.groups else (None, None)
+        self.dp_size, self.dp_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
+        self.dp_group = self.groups.dp_group if self.groups and self.dp_size > 1 else None
+        self.run_dir = agree_on_run_dir(hydra_dir)
+        self.accelerator = Accelerator(
+            cpu=self.device_type == "cpu",
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.grad_accum,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(str(self.run_dir), str(self.run_dir)),
+        )
+        self.rank, self.device = self.accelerator.process_index, self.accelerator.device
+        self.is_main = self.rank == 0
+        setup_logging(self.run_dir, self.rank)
+        if self.is_main:
+            write_hydra_files(self.run_dir, self.cfg)
+        log.info(
+            "run dir %s | world %d = dp %d x tp %d | device %s",
+            self.run_dir,
+            self.world,
+            self.dp_size,
+            p.tp,
+            self.device_type,
+        )
+
+    def _setup_data(self) -> None:
+        d, m, t = self.conf.data, self.conf.model, self.conf.trainer
+        self.data = prepare_data(
+            d, self.accelerator.is_local_main_process, self.accelerator.wait_for_everyone, t.seq_len
+        )
+        vocab = m.vocab_size or self.data.vocab_size
+        if vocab < self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
+        self.model_config = GPTConfig(**{**asdict(m), "vocab_size": vocab})
+        log.info(
+            "data %s: %d train / %d val tokens, vocab %d",
+            self.data.directory,
+            len(self.data.train),
+            len(self.data.val),
+            vocab,
+        )
+        self.val_batches = eval_batches(self.data.val, t.eval_batches, t.seed, t.micro_batch, t.seq_len)
+
+    def _setup_model(self) -> None:
+        """The model (one seed: the same full weights on every rank, whatever the layout), DDP, AdamW."""
+        o, p = self.conf.optim, self.conf.parallel
+        torch.manual_seed(self.conf.trainer.seed)
+        self.model = GPT.from_config(
+            self.model_config, tp_group=self.tp_group, sequence_parallel=p.sequence_parallel
+        ).to(self.device)
+        self.wrapped = (
+            DistributedDataParallel(self.model, process_group=self.dp_group)
+            if self.dp_group is not None
+            else self.model
+        )
+        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
+        self.optimizer = self.accelerator.prepare(optimizer)
+        self.accelerator.init_trackers("tensorboard")
+        self.metrics = Metrics(self.run_dir, self.accelerator, self.is_main)
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, self.mesh, self.conf.trainer.keep_checkpoints)
+
+    def _resume(self) -> None:
+        """Continue from the checkpoint `trainer.resume` names (or this run dir's newest), if any."""
+        t = self.conf.trainer
+        self.step = self.optimizer_steps = 0
+        self.last_val: float | None = None
+        resume_from = on_main(resolve_resume, t.resume, self.run_dir, Path(t.out_dir))
+        if resume_from is not None:
+            meta = checkpoint.load(Path(resume_from), self.model, self.optimizer.optimizer, self.mesh)
+            self.step, self.optimizer_steps = meta["step"], meta["optimizer_steps"]
+            self.metrics.continue_from(Path(resume_from).parent.parent, self.step)
+            log.info(
+                "resumed from %s at step %d (saved at dp %s x tp %s)",
+                resume_from,
+                self.step,
+                meta["layout"]["dp"],
+                meta["layout"]["tp"],
+            )
+        self.last_saved = self.step
+        if self.is_main and (self.data.directory / "tokenizer.json").is_file():
+            shutil.copy(self.data.directory / "tokenizer.json", self.run_dir / "tokenizer.json")
+        checkpoint_bytes = 12 * self.model.num_parameters(exclude_position_embeddings=False)  # weights + 2 moments
+        on_main(check_output_space, self.run_dir, checkpoint_bytes, t.keep_checkpoints)
+
+    def _setup_measures(self) -> None:
+        """Tokens and model FLOPs per step, the matmul peak (for MFU) and the non-finite guard."""
+        t = self.conf.trainer
+        self.tokens_per_step = t.micro_batch * t.grad_accum * self.dp_size * t.seq_len
+        self.step_flops = (
+            flops_per_token(self.model_config, self.model.num_parameters(), t.seq_len) * self.tokens_per_step
+        )
+        self.peak_flops = broadcast_object(measure_peak_flops(self.device)) * self.world
+        self.guard = NonFiniteGuard(t.max_bad_steps)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The model's loss on one micro-batch (through DDP where there is data parallelism)."""
+        return self.wrapped(x, y)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients accumulate); returns its loss, detached."""
+        with self.accelerator.accumulate(self.wrapped):
+            with self.accelerator.autocast():
+                loss = self.loss(x.to(self.device), y.to(self.device))
+            self.accelerator.backward(loss)
+        return loss.detach().float()
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Unscale (fp16), sum sequence-parallel partial gradients, clip by the TP-aware global norm."""
+        o = self.conf.optim
+        self.accelerator.unscale_gradients()
+        if self.model.sequence_parallel:
+            sync_replicated_grads(self.model, self.tp_group)  # LayerNorm etc. saw only this rank's tokens
+        if o.grad_clip > 0:
+            return clip_grad_norm_(self.model, o.grad_clip, self.tp_group)
+        return grad_norm(self.model, self.tp_group)
+
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step on the global batch of `step`; skipped on every rank if anything is non-finite."""
+        t = self.conf.trainer
+        start = time.perf_counter()
+        lr = lr_at(step, self.conf.optim, t.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(t.seed, step, self.dp_rank))
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in step_batch(
+            self.data.train, step, t.seed, t.micro_batch, t.grad_accum, t.seq_len, self.dp_rank, self.dp_size
+        ):
+            loss_sum += self.forward_backward(x, y)
+        norm = self.clip_gradients()
+        finite = all_ranks_agree(torch.isfinite(loss_sum) & torch.isfinite(norm))
+        if finite or self.accelerator.scaler is not None:  # fp16: the grad scaler skips and rescales itself
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += int(finite)
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        return StepResult(step + 1, loss_sum / t.grad_accum, norm, finite, lr, time.perf_counter() - start)
+
+    def evaluate(self) -> float:
+        """Mean validation loss over the fixed validation batches (split over DP ranks)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        with torch.no_grad(), self.accelerator.autocast():
+            for i, (x, y) in enumerate(self.val_batches):
+                if i % self.dp_size == self.dp_rank:
+                    total += self.model(x.to(self.device), y.to(self.device)).float()
+        if self.dp_group is not None:
+            dist.all_reduce(total, group=self.dp_group)
+        self.model.train()
+        return total.item() / len(self.val_batches)
+
+    def log_record(self, result: StepResult, window: LogWindow) -> dict[str, Any]:
+        """The metrics line for the window ending at `result` (a collective over the DP group)."""
+        if self.dp_group is not None:
+            dist.all_reduce(window.loss_sum, group=self.dp_group)
+        train_loss = window.loss_sum.item() / window.good_steps / self.dp_size if window.good_steps else None
+        return {
+            "step": result.done,
+            "loss": train_loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm.item() if result.finite else None,
+            "tokens_per_s": self.tokens_per_step * window.steps / window.seconds,
+            "mfu": mfu(self.step_flops * window.steps / window.seconds, self.peak_flops),
+            "skipped_steps": self.guard.skipped,
+        }
+
+    def save_checkpoint(self, step: int) -> None:
+        extra = {
+            "layout": {"dp": self.dp_size, "tp": self.conf.parallel.tp},
+            "model": asdict(self.model_config),
+            "config": OmegaConf.to_container(self.cfg, resolve=False),
+            "run_dir": str(self.run_dir),
+            "optimizer_steps": self.optimizer_steps,
+        }
+        self.checkpointer.save(step, self.model, self.optimizer.optimizer, extra)
+        self.last_saved = step
+
+    def train(self) -> None:
+        """Train from `self.step` to `trainer.max_steps`; each failure names the step and what was running."""
+        t = self.conf.trainer
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not (self.is_main and t.progress),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.model.train()
+        window = LogWindow(self.device)
+        for step in range(self.step, t.max_steps):
+            with phase(f"training step {step + 1}", self.conf.parallel.timeout_s):
+                result = self.train_step(step)
+            self.guard.check(result, self.last_saved, self.run_dir / "checkpoints")
+            window.add(result)
+            bar.update(1)
+            self.after_step(result, window, bar)
+        bar.close()
+
+    def after_step(self, result: StepResult, window: LogWindow, bar: tqdm) -> None:
+        """Log, evaluate and checkpoint when due after step `result.done`."""
+        t, done = self.conf.trainer, result.done
+        is_last, record = done == t.max_steps, None
+        if done % t.log_interval == 0 or is_last:
+            record = self.log_record(result, window)
+            if record["loss"] is not None:
+                mfu_text = "noisy" if record["mfu"] is None else f"{record['mfu']:.1%}"
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=mfu_text)
+            window.reset()
+        if done % t.eval_interval == 0 or is_last:
+            with phase(f"evaluation at step {done}", self.conf.parallel.timeout_s):
+                self.last_val = self.evaluate()
+            record = {**(record or {"step": done}), "val_loss": self.last_val}
+            log.info("step %d: val loss %.4f", done, self.last_val)
+        if record is not None:
+            self.metrics.log(record)
+        if done % t.checkpoint_interval == 0 or is_last:
+            with phase(f"saving checkpoint step {done}", self.conf.parallel.timeout_s):
+                self.save_checkpoint(done)
+
+    def finish(self) -> dict[str, Any]:
+        """Export the model, sample from it, plot the loss; returns the run's summary."""
+        t = self.conf.trainer
+        export_dir = self.model.save(self.run_dir / "export")
+        if self.is_main and (self.run_dir / "tokenizer.json").is_file():
+            shutil.copy(self.run_dir / "tokenizer.json", export_dir / "tokenizer.json")
+        prompt = torch.tensor([self.data.tokenizer.encode(t.sample_prompt) or [0]], device=self.device)
+        torch.manual_seed(t.seed)
+        sample_ids = self.model.generate(prompt, t.sample_tokens, do_sample=True, temperature=0.8, top_k=50)
+        sample = self.data.tokenizer.decode(sample_ids[0].tolist())
+        history = self.metrics.read() if self.is_main else []
+        if self.is_main:
+            (self.run_dir / "sample.txt").write_text(sample)
+            save_loss_plot(
+                history,
+                self.run_dir / "loss.png",
+                title=f"{self.run_dir.name}: dp {self.dp_size} x tp {self.conf.parallel.tp}",
+            )
+            log.info("sample:\n%s", sample)
+            log.info("outputs in %s: metrics.jsonl, loss.png, sample.txt, export/, checkpoints/", self.run_dir)
+        self.accelerator.end_training()
+        train_losses = [r["loss"] for r in history if r.get("loss") is not None]
+        return {
+            "run_dir": str(self.run_dir),
+            "final_loss": train_losses[-1] if train_losses else None,
+            "val_loss": self.last_val,
+            "last_checkpoint": self.last_saved,
+            "sample": sample,
+        }
