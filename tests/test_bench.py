@@ -79,6 +79,7 @@ def test_compiled_rows_get_their_own_ratios_and_label():
             "compiled": compiled,
             "step_median_s": seconds,
             "step_min_s": seconds,
+            "noise": 0.01,
             "first_step_s": 20.0,
             "tokens_per_s": 1.0,
             "gflops": 1.0,
@@ -97,20 +98,33 @@ def test_compiled_rows_get_their_own_ratios_and_label():
         row("ours", 2, False, 1.1),
         row("ours", 2, True, 0.88),
     ]
-    values = {r["ratio"]: (round(r["value"], 3), r["target"]) for r in ratios(rows, 2)}
+    values = {r["ratio"]: (round(r["value"], 3), r["goal"], r["verdict"]) for r in ratios(rows, 2)}
     assert values == {
-        "ours tp2 / ideal": (1.1, 1.10),
-        "ours tp1 / plain": (1.0, 1.00),
-        "plain+compile / plain": (0.8, None),
-        "ours+compile tp1 / ours tp1": (0.9, None),
-        "ours+compile tp2 / ours tp2": (0.8, None),
-        "ours+compile tp2 / plain+compile": (1.1, None),
+        "ours tp2 / ideal": (1.1, 1.10, "within noise"),
+        "ours tp1 / plain": (1.0, 1.00, "within noise"),
+        "plain+compile / plain": (0.8, None, "-"),
+        "ours+compile tp1 / ours tp1": (0.9, None, "-"),
+        "ours+compile tp2 / ours tp2": (0.8, None, "-"),
+        "ours+compile tp2 / plain+compile": (1.1, None, "-"),
     }
     table = markdown(
         {"command": "c", "machine": "m", "date": "d", "peak_flops": {}, "rows": rows, "ratios": ratios(rows, 2)}
     )
     assert "| small | fp32 | ours+compile | 2 x 1 | 0.880 | 0.880 | 20.0 |" in table
-    assert "| small | fp32 | ours+compile tp2 / plain+compile | 1.10 | - | - |" in table
+    assert "| small | fp32 | ours+compile tp2 / plain+compile | 1.10 | +-2% | - | - |" in table
+
+
+def test_verdicts_say_when_a_ratio_is_inside_its_noise_and_mfu_is_never_over_100_percent(monkeypatch):
+    from bench.__main__ import parse_args, verdict
+    from train.flops import mfu
+
+    assert verdict(1.05, 0.02, 1.10) == "below goal"
+    assert verdict(1.09, 0.02, 1.10) == "within noise"
+    assert verdict(1.15, 0.02, 1.10) == "above goal"
+    assert mfu(0.5e9, 1e9) == 0.5 and mfu(1.2e9, 1e9) is None  # faster than the measured peak: noise
+    monkeypatch.setattr(sys, "argv", ["bench"])
+    assert parse_args().out == Path("outputs/bench"), "python -m bench must not overwrite the cited results"
+    assert "outputs/" in (ROOT / ".gitignore").read_text().split()
 
 
 @pytest.mark.slow

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from tests.helpers import ROOT, TINY_RUN, assert_same_curve, env_for, free_port, losses, train
+from tp_attention.model import GPT
 from train.config import ConfigError, TrainConfig, register, validate
 from train.schedule import lr_at
 
@@ -118,7 +121,7 @@ def test_single_process_run_writes_every_output(workdir, single):
         "logs/rank0.log",
     ):
         assert (run / name).is_file(), name
-    assert list((run / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events in tensorboard/"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 11))
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= records[0].keys()
@@ -149,7 +152,7 @@ def test_dp2_tp2_agrees_with_the_single_process_run(workdir, single):
 
 
 def test_resume_matches_the_uninterrupted_run_and_reshards(workdir, single):
-    step5 = workdir / "runs" / "single" / "checkpoints" / "step_00000005"
+    step5 = workdir / "runs" / "single" / "checkpoints" / "step_5"  # the short form of step_00000005
     train(workdir, "resumed", ["trainer.max_steps=10", "trainer.micro_batch=8", f"trainer.resume={step5}"])
     assert_same_curve(losses(workdir, "resumed"), single, "stop at 5, resume to 10")
 
@@ -159,6 +162,21 @@ def test_resume_matches_the_uninterrupted_run_and_reshards(workdir, single):
     assert_same_curve(losses(workdir, "tp2_to_tp1"), single, "saved at tp=2, resumed at tp=1")
     log = (workdir / "runs" / "tp2_to_tp1" / "logs" / "rank0.log").read_text()
     assert "resumed from" in log and "saved at dp 1 x tp 2" in log
+
+
+def test_export_takes_the_short_checkpoint_name(workdir, single):
+    source = workdir / "runs" / "single" / "checkpoints" / "step_10"
+    done = subprocess.run(
+        [sys.executable, "-m", "train.export", str(source), str(workdir / "exported")],
+        capture_output=True,
+        text=True,
+        env=env_for("export", workdir / "cache"),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    exported = GPT.load(workdir / "exported")
+    final = GPT.load(workdir / "runs" / "single" / "export")  # the run's own export of step 10
+    assert all(torch.equal(t, final.state_dict()[name]) for name, t in exported.state_dict().items())
 
 
 def test_resume_auto_continues_the_latest_run(workdir):
