@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.worker import PROFILE_KINDS, SHAPES, VOCAB
+from bench.worker import PROFILE_KINDS, SHAPES, gpt_config
 from tp_attention.flops import flops_per_token
-from tp_attention.model import GPT, GPTConfig
+from tp_attention.model import GPT
 from train.flops import measure_peak_flops, mfu
 
 GOALS = {  # ratio of step times, {tp} filled in: {dtype: goal}
@@ -96,16 +96,9 @@ def run_worker(variant: str, shape: str, dtype: str, ranks: int, compiled: bool,
 
 
 def model_flops(shape: str) -> float:
-    layers, heads, width, seq, batch = SHAPES[shape]
-    cfg = GPTConfig(
-        vocab_size=VOCAB,
-        max_seq_len=seq,
-        emb_size=width,
-        num_heads=heads,
-        head_size=width // heads,
-        num_layers=layers,
-        dropout=0.0,
-    )
+    """Model FLOPs of one training step at `shape`."""
+    *_, seq, batch = SHAPES[shape]
+    cfg = gpt_config(shape)
     return flops_per_token(cfg, GPT.from_config(cfg).num_parameters(), seq) * batch * seq
 
 

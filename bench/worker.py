@@ -128,20 +128,25 @@ def profile(step, device: torch.device, steps: int = 2) -> dict[str, float]:
     return ms
 
 
+def gpt_config(shape: str) -> GPTConfig:
+    """Our GPT at one of the benchmark's shapes (byte vocabulary, no dropout)."""
+    layers, heads, width, seq, _ = SHAPES[shape]
+    return GPTConfig(
+        vocab_size=VOCAB,
+        max_seq_len=seq,
+        emb_size=width,
+        num_heads=heads,
+        head_size=width // heads,
+        num_layers=layers,
+        dropout=0.0,
+    )
+
+
 def build(variant: str, shape: str, tp_group, mesh, sequence_parallel: bool) -> torch.nn.Module:
     layers, heads, width, seq, _ = SHAPES[shape]
     torch.manual_seed(0)
     if variant in ("ours", "ours_sp", "ours_gloo"):
-        cfg = GPTConfig(
-            vocab_size=VOCAB,
-            max_seq_len=seq,
-            emb_size=width,
-            num_heads=heads,
-            head_size=width // heads,
-            num_layers=layers,
-            dropout=0.0,
-        )
-        return GPT.from_config(cfg, tp_group=tp_group, sequence_parallel=sequence_parallel)
+        return GPT.from_config(gpt_config(shape), tp_group=tp_group, sequence_parallel=sequence_parallel)
     model = NanoGPT(VOCAB, seq, width, heads, layers, split_qkv=variant == "dtensor")
     return parallelize_with_dtensor(model, mesh["tp"]) if variant == "dtensor" else model
 

@@ -13,31 +13,18 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
+
+def run_quick_bench(out: Path, *flags: str) -> None:
+    """`python -m bench --quick` with one step per configuration, results into `out`."""
+    command = [sys.executable, "-m", "bench", "--quick", *flags, "--steps", "1", "--warmup", "0", "--rounds", "1"]
+    subprocess.run([*command, "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=900)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tp=2 needs two cores")
 def test_quick_benchmark_writes_results(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--rounds",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    run_quick_bench(tmp_path)
     result = json.loads((tmp_path / "latest.json").read_text())
     variants = {(r["variant"], r["ranks"]) for r in result["rows"]}
     assert variants == {("plain", 1), ("ours", 1), ("ours", 2), ("ours_sp", 2), ("ours_gloo", 2), ("dtensor", 2)}
@@ -129,27 +116,7 @@ def test_verdicts_say_when_a_ratio_is_inside_its_noise_and_mfu_is_never_over_100
 
 @pytest.mark.slow
 def test_compile_benchmark_runs(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--compile",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--rounds",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
+    run_quick_bench(tmp_path, "--compile")
     result = json.loads((tmp_path / "compile.json").read_text())
     assert {(r["variant"], r["ranks"], r["compiled"]) for r in result["rows"]} == {
         (v, n, c) for v, n in (("plain", 1), ("ours", 1), ("ours", 2)) for c in (False, True)

@@ -251,3 +251,16 @@ def test_config_errors_exit_with_one_line(workdir):
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: world_size = 1 must be divisible by parallel.tp = 3"
     assert "Traceback" not in result.stderr
+
+
+def test_a_shape_rule_has_one_message_in_the_layer_the_model_config_and_the_training_config():
+    from tp_attention import MultiHeadAttention
+    from tp_attention.model import GPTConfig
+
+    rule = "num_heads = 4 must be divisible by num_kv_heads = 3"
+    with pytest.raises(ValueError, match=rule):
+        MultiHeadAttention(4, 32, 8, 16, num_kv_heads=3)
+    with pytest.raises(ValueError, match=rule):
+        GPTConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ConfigError, match=rule.replace("num_", "model.num_")):
+        compose_config(["model.num_kv_heads=3"])
