@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -53,22 +54,11 @@ def test_the_library_imports_no_training_dependency(tmp_path):
 
 
 def test_a_wheel_ships_the_configs_and_tp_train_runs_from_any_directory(tmp_path):
+    source = tmp_path / "source"  # a copy, so that setuptools' build/ lands there, not in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "build", "__pycache__"))
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path / "dist"),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
+        [*pip_wheel, "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300
     )
     wheel = next((tmp_path / "dist").glob("*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
