@@ -3,11 +3,10 @@
 #   launch/accelerate.sh launch/accelerate_cpu.yaml parallel.tp=2          # 2 CPU processes (gloo)
 #   launch/accelerate.sh launch/accelerate_gpu.yaml parallel.tp=4          # one node, 8 GPUs
 #   MACHINE_RANK=1 MAIN_IP=node0 launch/accelerate.sh launch/accelerate_multi_node.yaml parallel.tp=8
-# accelerate gives every rank TORCHELASTIC_RUN_ID=none, so the run id comes from here.
+# The run directory is named by the config (or $TP_RUN_ID), the same on every rank.
 set -euo pipefail
 config=${1:?usage: $0 CONFIG.yaml [hydra overrides...]}
 shift
-export TP_RUN_ID=${TP_RUN_ID:-$(date +%Y-%m-%d_%H-%M-%S)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 extra=()
 if grep -q '^use_cpu: true' "$config"; then

@@ -7,4 +7,5 @@ set -euo pipefail
 nproc=${1:?usage: $0 NPROC [hydra overrides...]}
 shift
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank: CPU ranks share the cores
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}  # time to save on SIGTERM
 exec torchrun --standalone --nproc_per_node "$nproc" -m train "$@"

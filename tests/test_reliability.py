@@ -112,12 +112,15 @@ def test_too_many_bad_steps_stop_the_run_with_the_last_good_checkpoint_intact(wo
     overrides = [*REFERENCE, "trainer.checkpoint_interval=2", "trainer.max_bad_steps=3"]
     result = train(workdir, "nan_stop", overrides, env={"TP_FAULT": "nan@5-10"}, check=False)
     assert result.returncode == 1
+    run = workdir / "runs" / "nan_stop"
+    # the weights after step 4 gave a bad step 5, so checkpoint 4 is not known good; 2 is (step 3 was healthy)
     assert (
-        "training error: 3 consecutive steps with non-finite loss or gradients (trainer.max_bad_steps = 3), "
-        "stopped at step 7; the last good checkpoint is step 6"
+        "training error: 3 consecutive bad steps (last: non-finite loss or gradients; trainer.max_bad_steps = 3), "
+        f"stopped at step 7; the last good checkpoint is {run / 'checkpoints' / 'step_00000002'}"
     ) in result.stderr
-    kept = checkpoint.checkpoint_dirs(workdir / "runs" / "nan_stop")
-    assert kept[-1].name == "step_00000006" and checkpoint.verify(kept[-1]) is None
+    kept = checkpoint.checkpoint_dirs(run)
+    assert [p.name for p in kept] == ["step_00000002", "step_00000004"], "no save during the bad streak"
+    assert checkpoint.good_step(run) == 2 and all(checkpoint.verify(p) is None for p in kept)
 
 
 def test_disk_full_while_saving_is_a_clear_error(workdir):

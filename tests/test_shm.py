@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -116,3 +120,33 @@ def test_declines_groups_it_cannot_serve():
 def test_reductions_other_than_sum_and_max_are_refused_by_name():
     with pytest.raises(ValueError, match=r"op = .*MIN.* is not supported: use dist.ReduceOp.SUM or dist.ReduceOp.MAX"):
         all_reduce_in_place(torch.ones(2), None, dist.ReduceOp.MIN)
+
+
+def disagreeing_ranks(rank, world):
+    group = with_shared_memory(dist.group.WORLD)
+    try:
+        all_reduce_in_place(torch.ones(4 + rank), group)  # rank 1 passes one element more
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        group.shared_memory.close()
+    return None
+
+
+def test_ranks_that_disagree_get_an_error():
+    for message in run_processes(2, disagreeing_ranks):
+        assert message == (
+            "shared-memory all-reduce: the ranks published different tensors (rank 0: 16 bytes of "
+            "torch.float32, rank 1: 20 bytes of torch.float32); every rank must pass the same shape "
+            "and dtype"
+        )
+
+
+def test_segments_of_dead_processes_are_removed(tmp_path):
+    from tp_attention.shm import remove_stale_segments
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f"tpattn_{dead.stdout.strip()}_abc").write_bytes(b"x")
+    (tmp_path / f"tpattn_{os.getpid()}_def").write_bytes(b"x")  # alive: this process
+    assert remove_stale_segments(str(tmp_path)) == [f"tpattn_{dead.stdout.strip()}_abc"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"tpattn_{os.getpid()}_def"]

@@ -57,7 +57,14 @@ def test_default_config_composes_and_is_valid():
         (["trainer.micro_batch=0"], 1, r"trainer.micro_batch = 0 must be positive"),
         (["model.emb_size=-8"], 1, r"model.emb_size = -8 must be a positive integer"),
         (["model.dropout=1.5"], 1, r"model.dropout = 1.5 must be in \[0, 1\)"),
-        (["optim.lr=-1"], 1, r"optim.lr = -1.0 must be positive"),
+        (["optim.lr=-1"], 1, r"optim.lr = -1.0 must be in \(0, inf\)"),
+        (["optim.lr=nan"], 1, r"optim.lr = nan must be a finite number in \(0, inf\)"),
+        (["optim.lr=inf"], 1, r"optim.lr = inf must be a finite number in \(0, inf\)"),
+        (["optim.beta1=1.5"], 1, r"optim.beta1 = 1.5 must be in \[0, 1\)"),
+        (["optim.grad_clip=nan"], 1, r"optim.grad_clip = nan must be a finite number in \[0, inf\)"),
+        (["optim.min_lr=0.01"], 1, r"optim.min_lr = 0.01 must be in \[0, 0.002\]"),
+        (["parallel.timeout_s=nan"], 1, r"parallel.timeout_s = nan must be a finite number in \(0, inf\)"),
+        (["trainer.spike_factor=0.5"], 1, r"trainer.spike_factor = 0.5 must be 0 \(off\) or above 1"),
         (["trainer.mixed_precision=fp8"], 1, r"trainer.mixed_precision = 'fp8' must be one of no, bf16, fp16"),
         (["data=text"], 1, r"data.path must name a file or directory"),
         (["data=hf"], 1, r"data.hf_name must name a dataset"),
@@ -111,6 +118,7 @@ def single(workdir) -> list[float]:
 def test_single_process_run_writes_every_output(workdir, single):
     run = workdir / "runs" / "single"
     for name in (
+        "status.json",
         "metrics.jsonl",
         "loss.png",
         "sample.txt",
@@ -127,7 +135,8 @@ def test_single_process_run_writes_every_output(workdir, single):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= records[0].keys()
     assert "val_loss" in records[4] and "val_loss" in records[9] and "val_loss" not in records[0]
     assert single[-1] < single[0], "loss should fall"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["good.json", "step_00000005", "step_00000010"]
+    assert json.loads((run / "status.json").read_text())["state"] == "complete"
 
 
 @pytest.mark.parametrize("layout", ["dp1_tp2", "dp1_tp2_sp", "dp2_tp1", "ga2"])
@@ -203,7 +212,7 @@ def test_two_nodes_on_loopback_train_at_tp2(workdir, single):
         "bash",
         str(ROOT / "launch" / "torchrun_multi_node.sh"),
         *TINY_RUN,
-        f"trainer.out_dir={workdir / 'runs'}",
+        f"trainer.out_dir={workdir / 'two_nodes'}",
         "trainer.max_steps=5",
         "trainer.micro_batch=8",
         "parallel.tp=2",
@@ -219,14 +228,17 @@ def test_two_nodes_on_loopback_train_at_tp2(workdir, single):
             "MASTER_PORT": str(port),
             "RUN_ID": "two_nodes",
         }
-        env.pop("TP_RUN_ID")  # the run dir name must come from the rendezvous id
+        env.pop("TP_RUN_ID")  # both nodes must find the same run dir, named by the config
         procs.append(
             subprocess.Popen(args, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-4000:]
-    assert_same_curve(losses(workdir, "two_nodes"), single[:5], "two nodes, tp=2")
+    (run,) = (workdir / "two_nodes").iterdir()
+    assert run.name.startswith("gpt-"), run.name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert_same_curve([r["loss"] for r in records], single[:5], "two nodes, tp=2")
 
 
 def test_accelerate_launch_on_cpu_runs_two_processes(workdir, single):

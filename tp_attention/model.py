@@ -309,7 +309,8 @@ class GPT(nn.Module):
 
         Raises:
             FileNotFoundError: no model file at `path`.
-            ValueError: the file's tensors do not fit its config (lists every mismatch).
+            ValueError: the file carries no GPT config in its metadata (it was not written by `save`), or
+                its tensors do not fit its config (lists every mismatch).
         """
         from safetensors import safe_open
 
@@ -318,7 +319,13 @@ class GPT(nn.Module):
         if not file.is_file():
             raise FileNotFoundError(f"no model file at {file}")
         with safe_open(str(file), framework="pt") as f:
-            config = GPTConfig.from_mapping(json.loads(f.metadata()["config"]))
+            saved = (f.metadata() or {}).get("config")
+            if saved is None:
+                raise ValueError(
+                    f"{file} has no GPT config in its safetensors metadata: it was not written by "
+                    "GPT.save (which stores one)"
+                )
+            config = GPTConfig.from_mapping(json.loads(saved))
             state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         model = cls.from_config(config, tp_group=tp_group, generator=torch.Generator())
         load_full_state_dict(model, state)

@@ -31,8 +31,9 @@ def check_number(
         raise TypeError(f"{name} must be a number, got {value!r}")
     inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not math.isfinite(value) or not inside:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} = {value!r} must be in {interval}")
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
+        finite = "" if math.isfinite(value) else "a finite number "
+        raise ValueError(f"{name} = {value!r} must be {finite}in {interval}")
     return value
 
 

@@ -17,6 +17,8 @@ to the layers.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import platform
 import socket
@@ -24,6 +26,8 @@ import time
 import uuid
 from collections import Counter
 from multiprocessing import resource_tracker, shared_memory
+from multiprocessing.shared_memory import _posixshmem
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +36,20 @@ import torch.distributed as dist
 from tp_attention.distributed import ProcessGroup, TPGroup
 
 SLOT_ALIGN = 64
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+]
 # torch.library ops take strings, not objects: the compiled collectives (tp_attention.mappings) name
 # their communicator by its segment name, and this table turns the name back into the object.
 _BY_NAME: dict[str, SharedMemoryCollectives] = {}
@@ -41,6 +59,10 @@ class SharedMemoryCollectives:
     """Collectives on CPU tensors over `group` through a shared buffer of `2 * world * max_bytes`.
 
     A collective to build: every rank of `group` must call it, and then the same sequence of calls.
+    Each slot has a header (byte count and dtype of what its rank published), so ranks that disagree on
+    the tensor get a RuntimeError, as gloo would give them, instead of a silently wrong result. The segment
+    is named `tpattn_<pid of rank 0>_<random>`; rank 0 unlinks it on `close()` and at exit, and segments
+    of dead processes (a job killed with SIGKILL) are removed when the next one is created.
     """
 
     def __init__(self, group: ProcessGroup, max_bytes: int = 16 << 20, timeout_s: float = 600.0) -> None:
@@ -48,25 +70,29 @@ class SharedMemoryCollectives:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.seq = 0
         self.calls: Counter[str] = Counter()  # calls per collective (what a test checks went through here)
-        name = [f"tpattn_{uuid.uuid4().hex[:16]}" if self.rank == 0 else None]
+        name = [f"tpattn_{os.getpid()}_{uuid.uuid4().hex[:12]}" if self.rank == 0 else None]
         dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
-        size = SLOT_ALIGN * self.world + 2 * self.world * max_bytes
+        header = SLOT_ALIGN * self.world + 2 * self.world * 2 * 8  # counters, then (nbytes, dtype) per slot
         if self.rank == 0:
-            self.shm = shared_memory.SharedMemory(name=name[0], create=True, size=size)
+            remove_stale_segments()
+            self.shm = shared_memory.SharedMemory(name=name[0], create=True, size=header + 2 * self.world * max_bytes)
         dist.barrier(group=group)
         if self.rank != 0:
             self.shm = shared_memory.SharedMemory(name=name[0])
-            resource_tracker.unregister(self.shm._name, "shared_memory")  # rank 0 owns and unlinks it
-        dist.barrier(group=group)
+        resource_tracker.unregister(self.shm._name, "shared_memory")  # ours to unlink: close(), atexit, next start
         self.counters = np.ndarray((self.world,), dtype=np.int64, buffer=self.shm.buf, offset=0, strides=(SLOT_ALIGN,))
+        self.headers = np.ndarray(
+            (2, self.world, 2), dtype=np.int64, buffer=self.shm.buf, offset=SLOT_ALIGN * self.world
+        )
         if self.rank == 0:
             self.counters[:] = 0
         dist.barrier(group=group)
         self.data = torch.frombuffer(
-            self.shm.buf, dtype=torch.uint8, offset=SLOT_ALIGN * self.world, count=2 * self.world * max_bytes
+            self.shm.buf, dtype=torch.uint8, offset=header, count=2 * self.world * max_bytes
         ).view(2, self.world, max_bytes)
         self.name = name[0]
         _BY_NAME[self.name] = self
+        atexit.register(self.close)
 
     @staticmethod
     def by_name(name: str) -> SharedMemoryCollectives:
@@ -74,17 +100,29 @@ class SharedMemoryCollectives:
         return _BY_NAME[name]
 
     def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= self.max_bytes
+        nbytes = tensor.numel() * tensor.element_size()
+        return tensor.device.type == "cpu" and tensor.dtype in _DTYPES and nbytes <= self.max_bytes
 
     def _exchange(self, tensor: torch.Tensor, name: str) -> list[torch.Tensor]:
-        """Publish `tensor` in this rank's slot, wait for every rank, return every rank's tensor (views)."""
+        """Publish `tensor` in this rank's slot, wait for every rank, return every rank's tensor (views).
+
+        Raises:
+            RuntimeError: the ranks published tensors of different sizes or dtypes.
+        """
         self.seq += 1
         nbytes = tensor.numel() * tensor.element_size()
         self.calls[name] += 1
-        slots = self.data[self.seq % 2]  # (world, max_bytes)
+        slots, headers = self.data[self.seq % 2], self.headers[self.seq % 2]  # (world, max_bytes), (world, 2)
         slots[self.rank, :nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
-        self.counters[self.rank] = self.seq
+        headers[self.rank] = (nbytes, _DTYPES.index(tensor.dtype))
+        self.counters[self.rank] = self.seq  # x86-64 stores are seen in order: data and header first
         self._wait_for_all(name)
+        if (headers != headers[self.rank]).any():
+            published = ", ".join(f"rank {r}: {n} bytes of {_DTYPES[d]}" for r, (n, d) in enumerate(headers.tolist()))
+            raise RuntimeError(
+                f"shared-memory {name.replace('_', '-')}: the ranks published different tensors "
+                f"({published}); every rank must pass the same shape and dtype"
+            )
         return [slots[r, :nbytes].view(tensor.dtype).view(tensor.shape) for r in range(self.world)]
 
     @staticmethod
@@ -134,10 +172,34 @@ class SharedMemoryCollectives:
         """Free the shared buffer (rank 0 also unlinks it). The communicator is unusable afterwards."""
         if _BY_NAME.pop(self.name, None) is None:
             return
-        self.data = self.counters = None
+        atexit.unregister(self.close)
+        self.data = self.counters = self.headers = None
         self.shm.close()
-        if self.rank == 0:
-            self.shm.unlink()
+        if self.rank == 0:  # not SharedMemory.unlink(): it would tell the resource tracker, which we left
+            with contextlib.suppress(FileNotFoundError):
+                _posixshmem.shm_unlink(self.shm._name)
+
+
+def remove_stale_segments(directory: str = "/dev/shm") -> list[str]:
+    """Unlink the `tpattn_<pid>_*` segments whose creating process is gone; returns their names."""
+    removed = []
+    for path in Path(directory).glob("tpattn_*_*"):
+        pid = path.name.split("_")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def can_share_memory(group: ProcessGroup) -> bool:

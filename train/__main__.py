@@ -1,8 +1,9 @@
 """`python -m train [overrides]` (also the `tp-train` console script); configs live in conf/
 (installed: train/conf).
 
-Errors a person can fix print as one line and exit non-zero: a config error (exit 2, checked
-before Hydra starts the job where possible) or a training error (exit 1).
+Exit codes: 0 done; 2 a config error (checked before Hydra starts the job where possible); 1 a
+training error; 143 (SIGTERM) or 130 (SIGINT) stopped by that signal after saving a checkpoint (the
+same command continues the run). Each of these prints one line, no traceback.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def precheck(overrides: list[str]) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from train.main import run
+    from train.preemption import Preempted
 
     try:
         run(cfg)
@@ -49,6 +51,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     except TrainingError as e:
         print(f"training error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it, it saves and stops: Preempted)
+        print("interrupted before training started: nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 def main() -> None:

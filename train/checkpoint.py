@@ -2,11 +2,15 @@
 
     <run_dir>/checkpoints/step_00000100/   DCP files (model + AdamW moments) and meta.json
     <run_dir>/checkpoints/.tmp-step_...     a save in progress; renamed when complete
+    <run_dir>/checkpoints/good.json         the newest checkpoint known good (never rotated away)
 
 A checkpoint is written into a temporary directory and renamed only after every rank has finished
 and rank 0 has recorded each file's size and SHA-256 in meta.json, so a crash mid-save never
-touches the last good one. Because shards are stored with their global layout, a checkpoint loads
-at any (dp, tp). The step is the whole RNG and sampler state (both are derived from (seed, step)).
+touches the last good one; a save that fails (a full disk, a write error) removes its temporary
+directory and stops the run with the reason. A checkpoint whose directory holds a file meta.json does
+not list, or lacks one it lists, is refused; its DCP metadata is read without unpickling code
+(`train.dcp_metadata`). Because shards are stored with their global layout, a checkpoint loads at
+any (dp, tp). The step is the whole RNG and sampler state (both are derived from (seed, step)).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,21 +32,36 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.device_mesh import DeviceMesh
 
 from tp_attention.state_dict import dcp_state_dict, full_shapes
 from train.config import ConfigError, TrainingError
+from train.dcp_metadata import SafeReader, UnsafeCheckpoint, load_metadata
 from train.ranks import barrier, is_main_process
 
 log = logging.getLogger(__name__)
 META = "meta.json"
+GOOD = "good.json"
+LOW_SPACE = 16 << 20  # a failed write with less free space than this is a full disk
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Completed checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
     return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def normalize_path(path: Path) -> Path:
+    """`path`, or its zero-padded form when it names `.../step_N` that exists as `.../step_0000000N`."""
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    if match and not path.exists():
+        padded = path.with_name(checkpoint_name(int(match.group(1))))
+        return padded if padded.exists() else path
+    return path
 
 
 def _sha256(path: Path) -> str:
@@ -53,41 +73,70 @@ def _sha256(path: Path) -> str:
 
 
 def verify(path: Path) -> str | None:
-    """None if the checkpoint at `path` is complete and intact, else what is wrong with it."""
-    meta_file = Path(path) / META
+    """None if the checkpoint at `path` is complete and intact, else what is wrong with it: meta.json must
+    list every other file of the directory, each with its size and SHA-256, and nothing else."""
+    path = Path(path)
+    meta_file = path / META
     if not meta_file.is_file():
         return f"{meta_file} is missing"
     try:
         files = json.loads(meta_file.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"{meta_file} is unreadable ({e})"
-    for name, expected in files.items():
-        file = Path(path) / name
+        listed = {name: (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{meta_file} is unreadable ({type(e).__name__}: {e})"
+    present = {p.name for p in path.iterdir()} - {META}
+    if present - set(listed):
+        return f"{path} holds files meta.json does not list: {sorted(present - set(listed))}"
+    if ".metadata" not in listed:
+        return f"{meta_file} does not list DCP's .metadata"
+    for name, (size, sha256) in listed.items():
+        file = path / name
         if not file.is_file():
             return f"{file} is missing"
-        if file.stat().st_size != expected["size"]:
-            return f"{file} has {file.stat().st_size} bytes, expected {expected['size']}"
-        if _sha256(file) != expected["sha256"]:
+        if file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size} bytes, expected {size}"
+        if _sha256(file) != sha256:
             return f"{file} fails its SHA-256 check"
     return None
 
 
-def latest_valid(run_dirs: list[Path]) -> tuple[Path | None, list[str]]:
-    """The newest (last written) intact checkpoint among `run_dirs`, and what is wrong with each newer one.
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / META).read_text())
 
-    Every broken checkpoint passed over is logged as a warning.
-    """
+
+def latest_valid(
+    run_dirs: list[Path], accept: Callable[[Path], str | None] | None = None
+) -> tuple[Path | None, list[str]]:
+    """The newest (last written) intact checkpoint among `run_dirs` that `accept` does not object to
+    (it returns None, or why not), and what is wrong with each newer one. Broken ones are logged."""
     candidates = sorted(
         (c for d in run_dirs for c in checkpoint_dirs(d)), key=lambda c: (c.stat().st_mtime, c.name), reverse=True
     )
     problems = []
     for candidate in candidates:
-        problem = verify(candidate)
+        problem = verify(candidate) or (accept(candidate) if accept else None)
         if problem is None:
             return candidate, problems
         log.warning("skipping checkpoint %s: %s", candidate, problem)
         problems.append(f"{candidate.name}: {problem}")
     return None, problems
+
+
+def good_step(run_dir: Path) -> int | None:
+    """The step of the newest checkpoint of `run_dir` known good (training went on healthily from it)."""
+    file = Path(run_dir) / "checkpoints" / GOOD
+    try:
+        return int(json.loads(file.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mark_good(run_dir: Path, step: int) -> None:
+    """Record checkpoint `step` as known good (rank 0; atomic)."""
+    file = Path(run_dir) / "checkpoints" / GOOD
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step}))
+    os.replace(tmp, file)
 
 
 def check_compatible(path: Path, model: nn.Module) -> None:
@@ -96,9 +145,16 @@ def check_compatible(path: Path, model: nn.Module) -> None:
     Raises:
         ConfigError: a parameter is missing, unexpected, or has another (full) shape.
     """
+    try:
+        metadata = load_metadata(Path(path) / ".metadata")
+    except UnsafeCheckpoint as e:
+        raise ConfigError(
+            f"checkpoint {path} is refused: {e} (load checkpoints only from sources you trust; "
+            "share exports, model.safetensors, instead)"
+        ) from None
     saved = {
         k.removeprefix("model."): tuple(v.size)
-        for k, v in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+        for k, v in metadata.state_dict_metadata.items()
         if k.startswith("model.")
     }
     expected = {k: tuple(v) for k, v in full_shapes(model).items()}
@@ -135,21 +191,9 @@ def _quiet_single_process():
         yield
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def normalize_path(path: Path) -> Path:
-    """`path`, or its zero-padded form when it names `.../step_N` that exists as `.../step_0000000N`."""
-    match = re.fullmatch(r"step_(\d+)", path.name)
-    if match and not path.exists():
-        padded = path.with_name(checkpoint_name(int(match.group(1))))
-        return padded if padded.exists() else path
-    return path
-
-
 class Checkpointer:
-    """The checkpoints of one run: each save atomic and verified, the newest `keep` kept.
+    """The checkpoints of one run: each save atomic and verified, the newest `keep` kept, and the newest
+    known-good one (`good.json`) never rotated away.
 
     `save` is a collective (every rank calls it). It writes into a temporary directory (`write`, every
     rank), rank 0 records each file's size and SHA-256 (`seal`), and only then renames it into place.
@@ -163,7 +207,8 @@ class Checkpointer:
         """Write checkpoint `step`; returns its directory.
 
         Raises:
-            TrainingError: the disk filled up (the partial save is removed, the previous one kept).
+            TrainingError: the save failed on some rank (the partial save is removed, the previous ones
+                kept): "disk full while writing checkpoint step N" when the cause is space.
         """
         final, tmp = self.root / checkpoint_name(step), self.root / f".tmp-{checkpoint_name(step)}"
         if is_main_process():
@@ -172,24 +217,19 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         state, _ = _state(model, optimizer, self.mesh)
-        try:
-            self.write(tmp, state)
-            if is_main_process():
-                self.seal(tmp, {"step": step, **extra})
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            previous = checkpoint_dirs(self.run_dir)
-            raise TrainingError(
-                f"disk full while writing checkpoint step {step} to {self.root} ({e.strerror}); "
-                f"the last complete checkpoint is {previous[-1] if previous else 'none'}"
-            ) from e
+        failure = _attempt(lambda: self.write(tmp, state))
+        if failure is None and is_main_process():
+            failure = _attempt(lambda: self.seal(tmp, {"step": step, **extra}))
+        failure = _first_failure(failure)  # every rank learns of any rank's failure, and all stop together
+        if failure is not None:
+            self._fail(step, tmp, failure)
         if is_main_process():
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in checkpoint_dirs(self.run_dir)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            good = good_step(self.run_dir)
+            for stale in checkpoint_dirs(self.run_dir)[: -self.keep]:  # all but the newest `keep` and the good one
+                if good is None or stale.name != checkpoint_name(good):
+                    shutil.rmtree(stale, ignore_errors=True)
         barrier()
         return final
 
@@ -208,6 +248,60 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
 
+    def _fail(self, step: int, tmp: Path, failure: tuple[str, bool]) -> None:
+        reason, disk_full = failure
+        free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        previous = [c for c in checkpoint_dirs(self.run_dir) if c != tmp]
+        last = previous[-1] if previous else "none"
+        what = "disk full while writing" if disk_full else "failed to write"
+        raise TrainingError(
+            f"{what} checkpoint step {step} to {self.root} ({reason}; {free / 2**20:.0f} MiB free); "
+            f"the partial save was removed; the last complete checkpoint is {last}"
+        )
+
+
+def _attempt(action: Callable[[], None]) -> tuple[str, bool] | None:
+    """Run `action`; None if it succeeded, else `(one-line reason, whether the cause is a full disk)`.
+    DCP raises `CheckpointException` (a BaseException) wrapping each rank's error."""
+    try:
+        action()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        causes = _causes(e)
+        disk_full = any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in causes)
+        root = next((c for c in causes if isinstance(c, OSError)), causes[-1])
+        reason = f"{type(root).__name__}: {str(root).strip().splitlines()[0][:160] if str(root).strip() else ''}"
+        return reason, disk_full
+    return None
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error`, the errors DCP wrapped in it, and their causes."""
+    seen, todo = [], [error]
+    while todo:
+        e = todo.pop()
+        if e is None or e in seen:
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return seen
+
+
+def _first_failure(failure: tuple[str, bool] | None) -> tuple[str, bool] | None:
+    """The first rank's failure, the same on every rank (one small all-gather); a failure with no errno of
+    its own (torch's writer reports a full disk as "unexpected pos") counts as a full disk when the disk is
+    nearly full."""
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, failure)
+        failure = next((f for f in everyone if f is not None), None)
+    return failure
+
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer, step: int) -> None:
     """Give every parameter AdamW state (zeros, `step` updates done) so that DCP has tensors to load into."""
@@ -219,10 +313,6 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer, step: int) -> None:
             state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / META).read_text())
-
-
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh | None) -> dict:
     """Load checkpoint `path` into `model` and `optimizer` at the current layout; returns its meta."""
     meta = read_meta(path)
@@ -230,7 +320,9 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: D
     init_optimizer_state(optimizer, meta["optimizer_steps"])
     state, finishes = _state(model, optimizer, mesh)
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        dcp.load(
+            state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), no_dist=not dist.is_initialized()
+        )
     for finish in finishes:
         finish()
     return meta
@@ -242,5 +334,5 @@ def load_model_only(path: Path, model: nn.Module) -> dict:
     check_compatible(path, model)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), no_dist=True)
     return meta

@@ -1,22 +1,23 @@
 """Structured configs (dataclasses in Hydra's ConfigStore) and the checks Hydra cannot do by type.
 
-A wrong key or type fails in Hydra with its own message; `validate` then checks the relations
-between values (tp against heads and world size, sequence lengths, ...) and raises ConfigError,
-which names the value and the rule.
+Every field says what it is (`describe`); a wrong key or type fails in Hydra with its own message;
+`validate` then checks values and the relations between them (tp against heads and world size,
+sequence lengths, finite numbers in range, ...) and raises ConfigError, which names the value and
+the rule.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass, field
+import math
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from tp_attention.model import GPTConfig
-from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel
+from tp_attention.shapes import check_gpt, check_number, check_seq_len, check_sequence_parallel
 
 # A wheel carries the configs in train/conf; a checkout has them in its top-level conf/, where people edit them
 _HERE = Path(__file__).resolve().parent
@@ -28,7 +29,29 @@ class ConfigError(ValueError):
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (timeouts, repeated non-finite steps, a full disk): says why and what is safe."""
+    """A run that cannot go on (timeouts, repeated bad steps, a full disk): says why and what is safe."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its one-line description (shown by `python -m train --help`)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+MODEL_HELP = {
+    "vocab_size": "vocabulary size; null: the tokenizer's",
+    "max_seq_len": "longest sequence the model accepts (learned positions)",
+    "emb_size": "model width",
+    "num_heads": "query heads; divisible by parallel.tp",
+    "head_size": "width of one head",
+    "num_layers": "transformer blocks",
+    "dropout": "dropout on embeddings, attention output and MLP output",
+    "num_kv_heads": "key/value heads (GQA; 1 = MQA); null: num_heads",
+    "bias": "biases in the linear layers and LayerNorms",
+    "tie_embeddings": "the LM head reuses the token embedding",
+    "ffn_mult": "MLP hidden size = ffn_mult * emb_size",
+}
 
 
 @dataclass
@@ -45,59 +68,63 @@ class ModelConfig(GPTConfig):
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | text | hf
-    path: str | None = None  # text: a file or a directory of text files
-    hf_name: str | None = None  # hf: dataset name for datasets.load_dataset
-    hf_config: str | None = None
-    hf_split: str = "train"
-    hf_text_field: str = "text"
-    tokenizer: str = "byte"  # byte | bpe
-    bpe_vocab_size: int = 2048
-    val_fraction: float = 0.05
-    max_bytes: int = 0  # 0: the whole corpus
-    cache_dir: str | None = None  # default $TP_ATTENTION_CACHE or ~/.cache/tp-attention
+    source: str = opt("stdlib", "stdlib (this Python's standard library, no download) | text | hf")
+    path: str | None = opt(None, "text: a file, or a directory read recursively (*.txt *.md *.py ...)")
+    hf_name: str | None = opt(None, "hf: the dataset name for datasets.load_dataset (needs internet)")
+    hf_config: str | None = opt(None, "hf: the dataset's configuration name")
+    hf_split: str = opt("train", "hf: the split to read")
+    hf_text_field: str = opt("text", "hf: the column that holds the text")
+    tokenizer: str = opt("byte", "byte (256 ids, nothing to train) | bpe (trained on the corpus)")
+    bpe_vocab_size: int = opt(2048, "bpe: vocabulary size to learn (> 256)")
+    val_fraction: float = opt(0.05, "share of the corpus held out for validation, in (0, 1)")
+    max_bytes: int = opt(0, "read at most this many bytes of the corpus; 0: all of it")
+    cache_dir: str | None = opt(
+        None, "where token files are cached; null: $TP_ATTENTION_CACHE or ~/.cache/tp-attention"
+    )
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 50
-    decay_steps: int | None = None  # None: trainer.max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = opt(2e-3, "peak learning rate (AdamW)")
+    min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay, in [0, lr]")
+    warmup_steps: int = opt(50, "linear warmup steps from 0 to lr")
+    decay_steps: int | None = opt(None, "step at which the cosine decay reaches min_lr; null: trainer.max_steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices and embeddings (not biases or norms)")
+    beta1: float = opt(0.9, "AdamW beta1, in [0, 1)")
+    beta2: float = opt(0.95, "AdamW beta2, in [0, 1)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm (shards counted once) to this; 0: no clipping")
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # dp is derived: world_size / tp
-    sequence_parallel: bool = False  # LayerNorm/dropout/residual on T / tp tokens per rank
-    device: str = "auto"  # auto | cpu | cuda
-    timeout_s: float = 600.0
-    shm_collectives: bool = True  # CPU: TP collectives through shared memory when the group shares a host
+    tp: int = opt(1, "tensor-parallel size; dp = world_size / tp")
+    sequence_parallel: bool = opt(False, "LayerNorm, dropout and residual adds on seq_len / tp tokens per rank")
+    device: str = opt("auto", "auto | cpu | cuda")
+    timeout_s: float = opt(600.0, "deadline of every collective, seconds")
+    shm_collectives: bool = opt(True, "CPU: a TP group on one host communicates through shared memory")
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    micro_batch: int = 16
-    grad_accum: int = 1
-    seq_len: int = 128
-    eval_interval: int = 200
-    eval_batches: int = 8
-    log_interval: int = 20
-    checkpoint_interval: int = 200
-    keep_checkpoints: int = 2
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    seed: int = 1337
-    resume: str = "none"  # none | auto | PATH (a run dir or one of its checkpoints)
-    out_dir: str = "outputs"
-    sample_tokens: int = 200
-    sample_prompt: str = "def "
-    progress: bool = True
-    max_bad_steps: int = 25  # consecutive steps with non-finite loss or gradients before the run stops
+    max_steps: int = opt(1000, "optimizer steps to train for")
+    micro_batch: int = opt(16, "sequences per forward pass on each DP rank")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    seq_len: int = opt(128, "tokens per training sequence (<= model.max_seq_len)")
+    eval_interval: int = opt(200, "evaluate every this many steps (and at the end)")
+    eval_batches: int = opt(8, "validation micro-batches per evaluation")
+    log_interval: int = opt(20, "write a metrics line every this many steps")
+    checkpoint_interval: int = opt(200, "save a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = opt(2, "newest checkpoints to keep (the newest known-good one is always kept)")
+    mixed_precision: str = opt("no", "no | bf16 | fp16 (fp16: CUDA only)")
+    seed: int = opt(1337, "seeds the weights, the data windows and dropout")
+    resume: str = opt("none", "none | auto (newest checkpoint of this experiment under out_dir) | PATH (warm start)")
+    out_dir: str = opt("outputs", "parent directory of the run directories")
+    name: str = opt("gpt", "experiment name: the run directory is <out_dir>/<name>-<config fingerprint>")
+    sample_tokens: int = opt(200, "tokens sampled at the end of the run")
+    sample_prompt: str = opt("def ", "prompt of that sample")
+    progress: bool = opt(True, "show a progress bar")
+    max_bad_steps: int = opt(25, "consecutive bad steps (non-finite or loss spike) before the run stops")
+    spike_factor: float = opt(4.0, "a step whose loss exceeds spike_factor x the median of the last 50 is bad; 0: off")
 
 
 @dataclass
@@ -110,21 +137,19 @@ class TrainConfig:
     run_id: str = "${run_id:}"
 
 
-def run_id() -> str:
-    """One name for all ranks of a run: $TP_RUN_ID, else torchrun's run id, else the start time."""
-    explicit = os.environ.get("TP_RUN_ID")
-    if explicit:
-        return explicit
-    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if elastic != "none":
-        return elastic
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
+def describe(section: Any, name: str) -> str:
+    """The one-line description of a config field."""
+    if isinstance(section, ModelConfig) or section is ModelConfig:
+        return MODEL_HELP[name]
+    return next(f.metadata["help"] for f in fields(section) if f.name == name)
 
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore and the `${run_id:}` resolver in OmegaConf."""
+    from train.identity import run_id
+
     if not OmegaConf.has_resolver("run_id"):
-        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+        OmegaConf.register_new_resolver("run_id", run_id)
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
 
 
@@ -141,23 +166,26 @@ def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
         raise ConfigError(f"{name} = {value!r} must be one of {', '.join(allowed)}")
 
 
-def _positive(cfg, names: tuple[str, ...], prefix: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{prefix}.{name} = {value} must be positive")
-
-
-def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Check the relations between values. Raises ConfigError naming the value and the rule."""
-    m, d, o, p, t = cfg.model, cfg.data, cfg.optim, cfg.parallel, cfg.trainer
-    _positive(p, ("tp", "timeout_s"), "parallel")
-    if world_size % p.tp != 0:
-        raise ConfigError(f"world_size = {world_size} must be divisible by parallel.tp = {p.tp}")
-    _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
-    _positive(
-        t,
-        (
+def _numbers(cfg: TrainConfig) -> None:
+    """Finite numbers in their ranges (NaN and inf included): each a one-line ConfigError."""
+    o, p, t, d = cfg.optim, cfg.parallel, cfg.trainer, cfg.data
+    inf = math.inf
+    for name, value, low, high, low_open in [
+        ("optim.lr", o.lr, 0.0, inf, True),
+        ("optim.weight_decay", o.weight_decay, 0.0, inf, False),
+        ("optim.beta1", o.beta1, 0.0, 1.0, False),
+        ("optim.beta2", o.beta2, 0.0, 1.0, False),
+        ("optim.grad_clip", o.grad_clip, 0.0, inf, False),
+        ("parallel.timeout_s", p.timeout_s, 0.0, inf, True),
+        ("data.val_fraction", d.val_fraction, 0.0, 1.0, True),
+        ("trainer.spike_factor", t.spike_factor, 0.0, inf, False),
+    ]:
+        _as_config_error(check_number, value, name, low, high, low_open=low_open)
+    _as_config_error(check_number, o.min_lr, "optim.min_lr", 0.0, o.lr, high_open=False)
+    if 0 < t.spike_factor <= 1:
+        raise ConfigError(f"trainer.spike_factor = {t.spike_factor} must be 0 (off) or above 1")
+    positive = {
+        "trainer": (
             "max_steps",
             "micro_batch",
             "grad_accum",
@@ -169,13 +197,26 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             "keep_checkpoints",
             "max_bad_steps",
         ),
-        "trainer",
-    )
-    _positive(o, ("lr", "decay_steps"), "optim")
-    if o.min_lr < 0 or o.min_lr > o.lr:
-        raise ConfigError(f"optim.min_lr = {o.min_lr} must be in [0, optim.lr = {o.lr}]")
-    if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
-        raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        "optim": ("decay_steps",),
+        "parallel": ("tp",),
+    }
+    for section, names in positive.items():
+        for name in names:
+            value = getattr(getattr(cfg, section), name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{section}.{name} = {value} must be positive")
+    for name, value in (("optim.warmup_steps", o.warmup_steps), ("data.max_bytes", d.max_bytes)):
+        if value < 0:
+            raise ConfigError(f"{name} = {value} must be >= 0")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Check values and the relations between them. Raises ConfigError naming the value and the rule."""
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
+    _numbers(cfg)
+    if world_size % p.tp != 0:
+        raise ConfigError(f"world_size = {world_size} must be divisible by parallel.tp = {p.tp}")
+    _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
     _choice(d.source, ("stdlib", "text", "hf"), "data.source")
     _choice(d.tokenizer, ("byte", "bpe"), "data.tokenizer")
     _choice(t.mixed_precision, ("no", "bf16", "fp16"), "trainer.mixed_precision")
@@ -184,10 +225,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("data.path must name a file or directory when data.source = 'text'")
     if d.source == "hf" and not d.hf_name:
         raise ConfigError("data.hf_name must name a dataset when data.source = 'hf'")
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in (0, 1)")
     if d.tokenizer == "bpe" and d.bpe_vocab_size <= 256:
         raise ConfigError(f"data.bpe_vocab_size = {d.bpe_vocab_size} must exceed 256 (the byte alphabet)")
     _as_config_error(check_seq_len, t.seq_len, m.max_seq_len, name="trainer.seq_len", max_name="model.max_seq_len")
     if p.sequence_parallel:
         _as_config_error(check_sequence_parallel, t.seq_len, p.tp, name="trainer.seq_len", tp_name="parallel.tp")
+
+
+def field_defaults(section: type) -> dict[str, Any]:
+    """`{name: default}` of a config dataclass."""
+    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(section)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sysconfig
@@ -20,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tp_attention.model import GPTConfig
 from train.config import ConfigError, DataConfig
 from train.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, load_tokenizer
 
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".xml", ".tex", ".c", ".h"}
 MIN_DOCS_FOR_DOCUMENT_SPLIT = 20
+log = logging.getLogger(__name__)
 
 
 def stdlib_files() -> list[Path]:
@@ -38,13 +41,16 @@ def text_files(path: str) -> list[Path]:
     """`path` itself, or the text files below a directory, sorted.
 
     Raises:
-        ConfigError: the path does not exist, or a directory holds no text file.
+        ConfigError: the path does not exist, is neither a regular file nor a directory (a device,
+            a pipe), or a directory holds no text file.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"data.path = {path!r} does not exist")
     if p.is_file():
         return [p]
+    if not p.is_dir():
+        raise ConfigError(f"data.path = {path!r} is not a regular file or a directory")
     files = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES]
     if not files:
         raise ConfigError(f"data.path = {path!r} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
@@ -114,7 +120,8 @@ def build_token_files(cfg: DataConfig, directory: Path) -> None:
     """Tokenize the corpus into `directory` (train.bin, val.bin, meta.json, tokenizer.json for BPE).
 
     Many documents are split whole, by a hash of their name; a few (one big file) by position:
-    the last `val_fraction` of the tokens is validation.
+    the last `val_fraction` of the tokens is validation. A document split that leaves one side empty
+    falls back to the position split, with a warning.
     """
     docs = list(documents(cfg))
     if not docs or not any(data.strip() for _, data in docs):
@@ -130,11 +137,18 @@ def build_token_files(cfg: DataConfig, directory: Path) -> None:
         tokenizer = ByteTokenizer()
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     ids = [np.asarray(tokenizer.encode(data), dtype=dtype) for _, data in docs]
-    if len(docs) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
-        val_mask = [_is_val(name, cfg.val_fraction) for name, _ in docs]
+    val_mask = [_is_val(name, cfg.val_fraction) for name, _ in docs]
+    if len(docs) >= MIN_DOCS_FOR_DOCUMENT_SPLIT and 0 < sum(val_mask) < len(docs):
         train = np.concatenate([t for t, v in zip(ids, val_mask, strict=True) if not v] or [np.zeros(0, dtype)])
         val = np.concatenate([t for t, v in zip(ids, val_mask, strict=True) if v] or [np.zeros(0, dtype)])
     else:
+        if len(docs) >= MIN_DOCS_FOR_DOCUMENT_SPLIT:
+            side = "every one" if sum(val_mask) else "none"
+            log.warning(
+                "%s of the %d documents hashes into the validation split: splitting by position instead",
+                side,
+                len(docs),
+            )
         everything = np.concatenate(ids)
         cut = int(len(everything) * (1 - cfg.val_fraction))
         train, val = everything[:cut], everything[cut:]
@@ -191,17 +205,54 @@ def prepare_data(cfg: DataConfig, is_main: bool, barrier: Callable[[], None], se
     if not (directory / "meta.json").is_file():
         raise ConfigError(f"the token files in {directory} were not built (see the main process's error)")
     meta = json.loads((directory / "meta.json").read_text())
+    for split, key in (("train", "train_tokens"), ("validation", "val_tokens")):
+        if meta[key] < seq_len + 1:
+            raise ConfigError(
+                f"the {split} split has {meta[key]} tokens, fewer than one window of "
+                f"trainer.seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len"
+            )
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(directory / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(directory / "val.bin", dtype=dtype, mode="r")
-    for split, tokens in (("train", train), ("validation", val)):
-        if len(tokens) < seq_len + 1:
-            raise ConfigError(
-                f"the {split} split has {len(tokens)} tokens, fewer than one window of "
-                f"trainer.seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len"
-            )
     tokenizer = load_tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else ByteTokenizer()
     return TokenData(train, val, tokenizer, directory)
+
+
+def activation_bytes(cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, element_size: int = 4) -> int:
+    """About the bytes one rank's forward keeps for backward: per token and layer, the LayerNorm, residual and
+    projection outputs (6 E), the local Q/K/V, attention output and MLP activations ((4 + 2 ffn) E / tp) and
+    the attention probabilities (H T / tp, where SDPA keeps them); the vocab-sharded logits thrice."""
+    per_layer = (6 + (4 + 2 * cfg.ffn_mult) / tp) * cfg.emb_size + cfg.num_heads * seq_len / tp
+    per_token = cfg.num_layers * per_layer + 3 * cfg.vocab_size / tp
+    return int(element_size * micro_batch * seq_len * per_token)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes where the activations live: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def check_activation_memory(cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, device: torch.device) -> None:
+    """Refuse a micro-batch whose activations cannot fit, before anything is allocated.
+
+    Raises:
+        ConfigError: naming the estimate and the memory available.
+    """
+    need = activation_bytes(cfg, micro_batch, seq_len, tp)
+    try:
+        free = available_memory(device)
+    except (OSError, KeyError, ValueError):  # no /proc/meminfo: nothing to compare with
+        return
+    if need > free:
+        raise ConfigError(
+            f"trainer.micro_batch = {micro_batch} at trainer.seq_len = {seq_len} needs about {need / 2**30:,.1f} GiB "
+            f"of activations per rank (estimate), and {free / 2**30:,.1f} GiB are available on {device.type}: use a "
+            "smaller micro_batch (and more trainer.grad_accum)"
+        )
 
 
 def windows(tokens: np.ndarray, count: int, seq_len: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:

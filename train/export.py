@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tp_attention.model import GPT, GPTConfig
 from train import checkpoint
+from train.config import ConfigError
 
 
 def export(source: Path, out: Path | None = None) -> Path:
@@ -23,6 +24,7 @@ def export(source: Path, out: Path | None = None) -> Path:
 
     Raises:
         FileNotFoundError: no intact checkpoint at `source`.
+        ConfigError: the checkpoint is refused (its metadata names code, or it holds another model shape).
     """
     source = checkpoint.normalize_path(source)
     path = source if (source / checkpoint.META).is_file() else checkpoint.latest_valid([source])[0]
@@ -47,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         print(f"wrote {export(args.checkpoint, args.out)}")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:
         print(f"export error: {e}", file=sys.stderr)
         sys.exit(2)
 

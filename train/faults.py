@@ -1,6 +1,6 @@
 """Fault injection for the reliability tests, driven by one environment variable.
 
-    TP_FAULT="kind@step[:rank][,kind@step...]"     kinds: kill, hang, raise, nan, crash_in_save, enospc_in_save
+    TP_FAULT="kind@step[:rank][,kind@step...]"     kinds: kill, hang, raise, slow, nan, crash_in_save, enospc_in_save
 
 `step` is a completed-step count (or a range `a-b`); `rank` a global rank (default: every rank).
 Faults fire only in the first attempt of a torchrun job (TORCHELASTIC_RESTART_COUNT unset or 0),
@@ -31,7 +31,7 @@ def parse(spec: str) -> list[tuple[str, int, int, int | None]]:
 
 
 def install(trainer: Any) -> None:
-    """Wrap `trainer.train_step` (kill, hang, raise before the step), `trainer.loss` (nan) and
+    """Wrap `trainer.train_step` (kill, hang, raise, slow: 2 s, before the step), `trainer.loss` (nan) and
     `trainer.checkpointer.write` (enospc before writing, crash after) where TP_FAULT sets a fault."""
     spec = os.environ.get("TP_FAULT")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
@@ -62,6 +62,8 @@ def install(trainer: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if active("hang"):
             time.sleep(3600)
+        if active("slow"):  # a long step, so that a test's signal surely arrives inside one
+            time.sleep(2)
         if active("raise"):
             raise RuntimeError(f"injected failure at step {step + 1} on rank {rank}")
 

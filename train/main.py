@@ -15,8 +15,10 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import TrainConfig, validate
+from train.config import TrainConfig, TrainingError, validate
 from train.phases import phase
+from train.preemption import Preempted
+from train.run_dir import write_status
 from train.trainer import Trainer
 
 
@@ -25,14 +27,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         ConfigError: an invalid configuration, data or checkpoint (before training where possible).
-        TrainingError: a collective timed out (naming the timeout and what was running), the run
-            stopped after `trainer.max_bad_steps` non-finite steps, or the disk filled up.
+        TrainingError: a collective timed out (naming the timeout and what was running), too many bad
+            steps in a row, a full disk.
+        Preempted: SIGTERM or SIGINT; the checkpoint of the last step was saved first.
     """
     conf: TrainConfig = OmegaConf.to_object(cfg)
     validate(conf, int(os.environ.get("WORLD_SIZE", "1")))
     timeout_s = conf.parallel.timeout_s
-    with phase("start-up", timeout_s):
-        trainer = Trainer(conf, cfg, Path(HydraConfig.get().runtime.output_dir))
-    trainer.train()
-    with phase("export and sampling", timeout_s):
-        return trainer.finish()
+    trainer = None
+    try:
+        with phase("start-up", timeout_s):
+            trainer = Trainer(conf, cfg, Path(HydraConfig.get().runtime.output_dir))
+        trainer.train()
+        with phase("export and sampling", timeout_s):
+            return trainer.finish()
+    except (Preempted, TrainingError) as e:
+        if trainer is not None and trainer.is_main:
+            state = "preempted" if isinstance(e, Preempted) else "failed"
+            write_status(trainer.run_dir, state, trainer.step, message=str(e))
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()

@@ -44,9 +44,11 @@ def on_main(fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
-def all_ranks_agree(flag: torch.Tensor) -> bool:
-    """True only if `flag` is true on every rank (one tiny all-reduce), so all ranks take one branch."""
+def any_rank(*flags: torch.Tensor | bool) -> list[bool]:
+    """For each flag, whether it is true on any rank: one tiny all-reduce for all of them, so that every
+    rank takes the same branch. Tensor flags are 0-dim; the result is on the first tensor's device."""
+    device = next((f.device for f in flags if isinstance(f, torch.Tensor)), torch.device("cpu"))
+    packed = torch.stack([torch.as_tensor(f, device=device).to(torch.int32).reshape(()) for f in flags])
     if dist.is_initialized():
-        flag = flag.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in packed.tolist()]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -30,12 +35,21 @@ class _AboveProgressBar(logging.StreamHandler):
         tqdm.write(self.format(record), file=sys.stdout)
 
 
+def _log_thread_failure(args: threading.ExceptHookArgs) -> None:
+    thread = args.thread.name if args.thread else "?"
+    logging.getLogger(__name__).warning(
+        "background thread %s failed: %s: %s", thread, args.exc_type.__name__, args.exc_value
+    )
+
+
 def setup_logging(run_dir: Path, rank: int) -> None:
     """One log file per rank in `<run_dir>/logs/`; rank 0 also logs to stdout (above the bar)."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
     if rank == 0:
         handlers.append(_AboveProgressBar())
+    logging.raiseExceptions = False  # a full disk stops the run with its own message, not a logging traceback
+    threading.excepthook = _log_thread_failure  # nor with TensorBoard's writer thread's traceback
     logging.basicConfig(
         level=logging.INFO, handlers=handlers, force=True, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s"
     )
@@ -47,6 +61,18 @@ def write_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
     hydra_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, hydra_dir / "config.yaml")
     OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), hydra_dir / "overrides.yaml")
+
+
+def write_status(run_dir: Path, state: str, step: int, **info: Any) -> None:
+    """`<run_dir>/status.json`: running | complete | preempted | failed, the step, and what else there is to
+    say (rank 0). A scheduler script reads it to decide whether to requeue (launch/slurm.sbatch)."""
+    status = {"state": state, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+    tmp = run_dir / "status.json.tmp"
+    try:
+        tmp.write_text(json.dumps(status, indent=2) + "\n")
+        os.replace(tmp, run_dir / "status.json")
+    except OSError as e:  # a full disk must not hide the error that brought us here
+        logging.getLogger(__name__).warning("cannot write %s (%s)", run_dir / "status.json", e.strerror)
 
 
 def check_output_space(run_dir: Path, bytes_per_checkpoint: int, keep: int) -> None:

@@ -1,6 +1,6 @@
 """The training job in parts, in the order they run (torchtitan's Trainer, nanoGPT's brevity).
 
-    trainer = Trainer(conf, cfg, hydra_dir)   setup: process groups, run dir, data, model, optimizer, resume
+    trainer = Trainer(conf, cfg, hydra_dir)   setup: process groups, run dir (locked), data, model, optimizer, resume
     trainer.train_step(step)                  one optimizer step: forward_backward per micro-batch, clip, update
     trainer.evaluate()                        validation loss
     trainer.save_checkpoint(step)
@@ -11,6 +11,8 @@ Layout: our own `(dp, tp)` mesh; the model's TP layers use the tp group, DDP syn
 the dp group only (accelerate's `prepare(model)` would wrap DDP over *all* ranks and destroy the
 shards, so only the optimizer goes through accelerate). Every TP rank of a group sees the same
 batch; DP ranks see their share of one global batch that depends only on (seed, step).
+Each step ends in one tiny all-reduce that tells every rank whether any rank saw a bad step (skip the
+update: `train.guard`) or a stop signal (save and stop: `train.preemption`).
 """
 
 from __future__ import annotations
@@ -36,15 +38,19 @@ from tp_attention.flops import flops_per_token
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
 from train import checkpoint, faults
-from train.config import ConfigError, TrainConfig, TrainingError
-from train.data import eval_batches, prepare_data, step_batch
+from train.config import ConfigError, TrainConfig
+from train.data import check_activation_memory, eval_batches, prepare_data, step_batch
 from train.flops import measure_peak_flops, mfu
+from train.guard import DivergenceGuard
+from train.identity import experiment
+from train.lock import RunLock
 from train.metrics import Metrics
 from train.phases import phase
 from train.plots import save_loss_plot
-from train.ranks import all_ranks_agree, broadcast_object, on_main
+from train.preemption import Preempted, StopFlag
+from train.ranks import any_rank, broadcast_object, on_main
 from train.resume import resolve_resume
-from train.run_dir import agree_on_run_dir, check_output_space, setup_logging, write_hydra_files
+from train.run_dir import agree_on_run_dir, check_output_space, setup_logging, write_hydra_files, write_status
 from train.schedule import lr_at
 
 log = logging.getLogger("train")
@@ -86,9 +92,14 @@ class StepResult:
     done: int  # steps completed, counting this one
     loss: torch.Tensor  # mean over the step's micro-batches (this DP rank), on the device
     grad_norm: torch.Tensor
-    finite: bool  # loss and gradients finite on every rank: the update was applied
+    bad: str | None  # why its update was skipped on every rank; None: applied
+    stop: bool  # some rank was asked to stop (SIGTERM/SIGINT): save and stop after this step
     lr: float
     seconds: float
+
+    @property
+    def applied(self) -> bool:
+        return self.bad is None
 
 
 class LogWindow:
@@ -100,7 +111,7 @@ class LogWindow:
 
     def add(self, result: StepResult) -> None:
         self.steps, self.seconds = self.steps + 1, self.seconds + result.seconds
-        if result.finite:
+        if result.applied:
             self.loss_sum += result.loss
             self.good_steps += 1
 
@@ -109,32 +120,12 @@ class LogWindow:
         self.steps, self.good_steps, self.seconds = 0, 0, 0.0
 
 
-class NonFiniteGuard:
-    """Counts steps skipped for a non-finite loss or gradient; stops the run after `max_bad_steps` in a row."""
-
-    def __init__(self, max_bad_steps: int) -> None:
-        self.max_bad_steps, self.skipped, self.streak = max_bad_steps, 0, 0
-
-    def check(self, result: StepResult, last_saved: int, checkpoints: Path) -> None:
-        """Raises TrainingError once the streak of skipped steps reaches the limit."""
-        if result.finite:
-            self.streak = 0
-            return
-        self.skipped, self.streak = self.skipped + 1, self.streak + 1
-        log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", result.done, self.streak)
-        if self.streak >= self.max_bad_steps:
-            raise TrainingError(
-                f"{self.streak} consecutive steps with non-finite loss or gradients (trainer.max_bad_steps = "
-                f"{self.max_bad_steps}), stopped at step {result.done}; the last good checkpoint is step "
-                f"{last_saved} in {checkpoints}"
-            )
-
-
 class Trainer:
-    """One training run, set up in `__init__` (a collective: every rank builds one)."""
+    """One training run, set up in `__init__` (a collective: every rank builds one). Call `close()` at the end."""
 
     def __init__(self, conf: TrainConfig, cfg: DictConfig, hydra_dir: Path) -> None:
         self.conf, self.cfg = conf, cfg
+        self.groups, self.lock, self.stop = None, None, StopFlag()
         self._setup_parallel(hydra_dir)
         self._setup_data()
         self._setup_model()
@@ -143,7 +134,7 @@ class Trainer:
         faults.install(self)
 
     def _setup_parallel(self, hydra_dir: Path) -> None:
-        """Process groups (ours first; accelerate adopts them), the run dir, logging, accelerate."""
+        """Process groups (ours first; accelerate adopts them), the run dir and its lock, logging, accelerate."""
         p, t = self.conf.parallel, self.conf.trainer
         self.device_type = device_type_for(self.conf)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -155,6 +146,8 @@ class Trainer:
         self.dp_size, self.dp_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
         self.dp_group = self.groups.dp_group if self.groups and self.dp_size > 1 else None
         self.run_dir = agree_on_run_dir(hydra_dir)
+        self.lock = RunLock(self.run_dir)
+        stale = on_main(self.lock.acquire)  # one writer per run dir: a second run here is refused, naming the holder
         self.accelerator = Accelerator(
             cpu=self.device_type == "cpu",
             mixed_precision=t.mixed_precision,
@@ -165,6 +158,8 @@ class Trainer:
         self.rank, self.device = self.accelerator.process_index, self.accelerator.device
         self.is_main = self.rank == 0
         setup_logging(self.run_dir, self.rank)
+        if stale:
+            log.warning("took over the stale lock of %s on %s", stale, self.run_dir)
         if self.is_main:
             write_hydra_files(self.run_dir, self.cfg)
         log.info(
@@ -185,6 +180,7 @@ class Trainer:
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
         self.model_config = GPTConfig(**{**asdict(m), "vocab_size": vocab})
+        check_activation_memory(self.model_config, t.micro_batch, t.seq_len, self.conf.parallel.tp, self.device)
         log.info(
             "data %s: %d train / %d val tokens, vocab %d",
             self.data.directory,
@@ -211,23 +207,38 @@ class Trainer:
         self.accelerator.init_trackers("tensorboard")
         self.metrics = Metrics(self.run_dir, self.accelerator, self.is_main)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, self.mesh, self.conf.trainer.keep_checkpoints)
+        self.guard = DivergenceGuard(
+            self.conf.trainer.max_bad_steps, self.conf.trainer.spike_factor, self.model_config.vocab_size
+        )
 
     def _resume(self) -> None:
         """Continue from the checkpoint `trainer.resume` names (or this run dir's newest), if any."""
         t = self.conf.trainer
+        self.experiment = experiment(self.cfg, self.world)
         self.step = self.optimizer_steps = 0
         self.last_val: float | None = None
-        resume_from = on_main(resolve_resume, t.resume, self.run_dir, Path(t.out_dir))
-        if resume_from is not None:
-            meta = checkpoint.load(Path(resume_from), self.model, self.optimizer.optimizer, self.mesh)
+        source = on_main(resolve_resume, t.resume, self.run_dir, Path(t.out_dir), self.experiment)
+        if source is not None:
+            meta = checkpoint.load(Path(source), self.model, self.optimizer.optimizer, self.mesh)
             self.step, self.optimizer_steps = meta["step"], meta["optimizer_steps"]
-            self.metrics.continue_from(Path(resume_from).parent.parent, self.step)
+            self.guard.losses.extend(meta.get("recent_losses", []))
+            self.guard.pending = Path(source)  # known good once the first step from it is healthy
+            if checkpoint.good_step(Path(source).parent.parent) == meta["step"]:
+                self.guard.good = Path(source)
+            self.metrics.continue_from(Path(source).parent.parent, self.step)
             log.info(
                 "resumed from %s at step %d (saved at dp %s x tp %s)",
-                resume_from,
+                source,
                 self.step,
                 meta["layout"]["dp"],
                 meta["layout"]["tp"],
+            )
+        if self.step >= t.max_steps:
+            log.info(
+                "the run is complete at step %d (trainer.max_steps = %d): nothing to train; raise "
+                "trainer.max_steps to continue it",
+                self.step,
+                t.max_steps,
             )
         self.last_saved = self.step
         if self.is_main and (self.data.directory / "tokenizer.json").is_file():
@@ -236,14 +247,13 @@ class Trainer:
         on_main(check_output_space, self.run_dir, checkpoint_bytes, t.keep_checkpoints)
 
     def _setup_measures(self) -> None:
-        """Tokens and model FLOPs per step, the matmul peak (for MFU) and the non-finite guard."""
+        """Tokens and model FLOPs per step, and the matmul peak (for MFU)."""
         t = self.conf.trainer
         self.tokens_per_step = t.micro_batch * t.grad_accum * self.dp_size * t.seq_len
         self.step_flops = (
             flops_per_token(self.model_config, self.model.num_parameters(), t.seq_len) * self.tokens_per_step
         )
         self.peak_flops = broadcast_object(measure_peak_flops(self.device)) * self.world
-        self.guard = NonFiniteGuard(t.max_bad_steps)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The model's loss on one micro-batch (through DDP where there is data parallelism)."""
@@ -268,7 +278,7 @@ class Trainer:
         return grad_norm(self.model, self.tp_group)
 
     def train_step(self, step: int) -> StepResult:
-        """One optimizer step on the global batch of `step`; skipped on every rank if anything is non-finite."""
+        """One optimizer step on the global batch of `step`, skipped on every rank if any rank saw a bad one."""
         t = self.conf.trainer
         start = time.perf_counter()
         lr = lr_at(step, self.conf.optim, t.max_steps)
@@ -281,14 +291,20 @@ class Trainer:
         ):
             loss_sum += self.forward_backward(x, y)
         norm = self.clip_gradients()
-        finite = all_ranks_agree(torch.isfinite(loss_sum) & torch.isfinite(norm))
-        if finite or self.accelerator.scaler is not None:  # fp16: the grad scaler skips and rescales itself
+        loss, limit = loss_sum / t.grad_accum, self.guard.spike_limit()
+        nonfinite, spike, stop = any_rank(
+            ~(torch.isfinite(loss_sum) & torch.isfinite(norm)), loss > limit, torch.tensor(self.stop.requested)
+        )
+        bad = "non-finite loss or gradients" if nonfinite else None
+        if spike and not nonfinite:
+            bad = f"loss {loss.item():.4g} above trainer.spike_factor x its reference = {limit:.4g}"
+        if bad is None or (nonfinite and self.accelerator.scaler is not None):  # fp16: the scaler skips itself
             self.optimizer.step()
+        self.optimizer_steps += int(bad is None)
         self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_steps += int(finite)
         if self.device_type == "cuda":
             torch.cuda.synchronize()
-        return StepResult(step + 1, loss_sum / t.grad_accum, norm, finite, lr, time.perf_counter() - start)
+        return StepResult(step + 1, loss, norm, bad, stop, lr, time.perf_counter() - start)
 
     def evaluate(self) -> float:
         """Mean validation loss over the fixed validation batches (split over DP ranks)."""
@@ -312,47 +328,75 @@ class Trainer:
             "step": result.done,
             "loss": train_loss,
             "lr": result.lr,
-            "grad_norm": result.grad_norm.item() if result.finite else None,
+            "grad_norm": result.grad_norm.item() if result.applied else None,
             "tokens_per_s": self.tokens_per_step * window.steps / window.seconds,
             "mfu": mfu(self.step_flops * window.steps / window.seconds, self.peak_flops),
             "skipped_steps": self.guard.skipped,
         }
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Save checkpoint `step` unless the state is suspect (a bad streak, non-finite weights); returns it."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not self.guard.healthy() or any_rank(~finite)[0]:
+            log.warning(
+                "step %d: no checkpoint written: %s",
+                step,
+                "in a streak of bad steps" if not self.guard.healthy() else "the weights are not finite",
+            )
+            return None
         extra = {
             "layout": {"dp": self.dp_size, "tp": self.conf.parallel.tp},
             "model": asdict(self.model_config),
             "config": OmegaConf.to_container(self.cfg, resolve=False),
+            "experiment": self.experiment,
             "run_dir": str(self.run_dir),
             "optimizer_steps": self.optimizer_steps,
+            "recent_losses": list(self.guard.losses),
         }
-        self.checkpointer.save(step, self.model, self.optimizer.optimizer, extra)
-        self.last_saved = step
+        path = self.checkpointer.save(step, self.model, self.optimizer.optimizer, extra)
+        self.last_saved, self.guard.pending = step, path
+        return path
 
     def train(self) -> None:
-        """Train from `self.step` to `trainer.max_steps`; each failure names the step and what was running."""
+        """Train from `self.step` to `trainer.max_steps`; each failure names the step and what was running.
+
+        Raises:
+            Preempted: a stop signal arrived; the checkpoint of the last step was saved.
+        """
         t = self.conf.trainer
         bar = tqdm(
             total=t.max_steps,
-            initial=self.step,
-            disable=not (self.is_main and t.progress),
+            initial=min(self.step, t.max_steps),
             desc="train",
             unit="step",
+            disable=not (self.is_main and t.progress),
             dynamic_ncols=True,
         )
         self.model.train()
         window = LogWindow(self.device)
-        for step in range(self.step, t.max_steps):
-            with phase(f"training step {step + 1}", self.conf.parallel.timeout_s):
-                result = self.train_step(step)
-            self.guard.check(result, self.last_saved, self.run_dir / "checkpoints")
-            window.add(result)
-            bar.update(1)
-            self.after_step(result, window, bar)
-        bar.close()
+        if self.is_main:
+            write_status(self.run_dir, "running", self.step)
+        self.stop.install()
+        try:
+            for step in range(self.step, t.max_steps):
+                with phase(f"training step {step + 1}", self.conf.parallel.timeout_s):
+                    result = self.train_step(step)
+                self.step = result.done
+                self.stop.step_grace_s = max(self.stop.step_grace_s, 3 * result.seconds)
+                if result.stop:
+                    self.stop.step_finished()
+                confirmed = self.guard.record(result.done, result.loss.item(), result.bad)
+                if confirmed is not None and confirmed.parent.parent == self.run_dir and self.is_main:
+                    checkpoint.mark_good(self.run_dir, int(confirmed.name.removeprefix("step_")))
+                window.add(result)
+                bar.update(1)
+                self.after_step(result, window, bar)
+        finally:
+            self.stop.uninstall()
+            bar.close()
 
     def after_step(self, result: StepResult, window: LogWindow, bar: tqdm) -> None:
-        """Log, evaluate and checkpoint when due after step `result.done`."""
+        """Log, evaluate and checkpoint when due after step `result.done`; stop if a signal asked to."""
         t, done = self.conf.trainer, result.done
         is_last, record = done == t.max_steps, None
         if done % t.log_interval == 0 or is_last:
@@ -368,9 +412,13 @@ class Trainer:
             log.info("step %d: val loss %.4f", done, self.last_val)
         if record is not None:
             self.metrics.log(record)
-        if done % t.checkpoint_interval == 0 or is_last:
+        if done % t.checkpoint_interval == 0 or is_last or result.stop:
             with phase(f"saving checkpoint step {done}", self.conf.parallel.timeout_s):
-                self.save_checkpoint(done)
+                saved = self.save_checkpoint(done)
+            if is_last and saved is not None and self.is_main:
+                checkpoint.mark_good(self.run_dir, done)  # the run's own end: nothing comes after to confirm it
+        if result.stop:
+            raise Preempted(self.stop.signum or 15, done, str(saved or self.guard.good or "none"))
 
     def finish(self) -> dict[str, Any]:
         """Export the model, sample from it, plot the loss; returns the run's summary."""
@@ -390,6 +438,7 @@ class Trainer:
                 self.run_dir / "loss.png",
                 title=f"{self.run_dir.name}: dp {self.dp_size} x tp {self.conf.parallel.tp}",
             )
+            write_status(self.run_dir, "complete", self.step)
             log.info("sample:\n%s", sample)
             log.info("outputs in %s: metrics.jsonl, loss.png, sample.txt, export/, checkpoints/", self.run_dir)
         self.accelerator.end_training()
@@ -401,3 +450,11 @@ class Trainer:
             "last_checkpoint": self.last_saved,
             "sample": sample,
         }
+
+    def close(self) -> None:
+        """Release the run dir's lock and the shared-memory buffer (also after a failure)."""
+        if self.lock is not None:
+            self.lock.release()
+        shared = getattr(self.groups.tp_group, "shared_memory", None) if self.groups else None
+        if shared is not None:
+            shared.close()
