@@ -156,7 +156,7 @@ TINY_RUN = [
     "model.head_size=16",
     "model.num_heads=4",
     "trainer.seq_len=32",
-    "trainer.micro_batch=4",
+    "trainer.batch_size=4",
     "trainer.log_interval=1",
     "trainer.eval_interval=5",
     "trainer.eval_batches=2",
@@ -226,8 +226,13 @@ def train(
     return result
 
 
+def records(run: Path) -> list[dict]:
+    """The metrics records of the run directory `run`."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(workdir: Path, run_id: str) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
+    return records(workdir / "runs" / run_id)
 
 
 def losses(workdir: Path, run_id: str) -> list[float]:

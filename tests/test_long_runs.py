@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY_RUN, TORCHRUN, assert_same_curve, env_for, metrics, rank0_log, train
+from tests.helpers import TINY_RUN, TORCHRUN, assert_same_curve, env_for, metrics, rank0_log, records, train
 from tp_attention import MultiHeadAttention
 from tp_attention.model import GPT
 from train import checkpoint
 from train.identity import differences
 
-STEPS = ["trainer.max_steps=12", "trainer.micro_batch=8", "trainer.checkpoint_interval=4"]
+STEPS = ["trainer.max_steps=12", "trainer.batch_size=8", "trainer.checkpoint_interval=4"]
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,6 @@ def start(
 def run_dir(workdir: Path, out: str | Path) -> Path:
     (only,) = [d for d in (workdir / out).iterdir() if d.is_dir()]
     return only
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def wait_for_steps(workdir: Path, out: str | Path, steps: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -274,7 +270,7 @@ def test_bad_numbers_and_data_are_refused_up_front(workdir, tmp_path):
     )
     assert "none of the 40 documents hashes into the validation split" in rank0_log(workdir, "no_val_docs")
     for overrides, message in [
-        (["trainer.micro_batch=100000000"], "trainer.micro_batch = 100000000 at trainer.seq_len = 32 needs about"),
+        (["trainer.batch_size=100000000"], "100000000 sequences per forward pass (trainer.micro_batch, or "),
         (["data=text", "data.path=/dev/null"], "data.path = '/dev/null' is not a regular file or a directory"),
         (["optim.lr=nan"], "optim.lr = nan must be a finite number in (0, inf)"),
     ]:
@@ -348,7 +344,7 @@ def test_a_really_full_disk_stops_the_run_cleanly(workdir, tmp_path, leave, over
         proc = start(
             workdir,
             disk,
-            ["trainer.micro_batch=8", "trainer.log_interval=1", "trainer.keep_checkpoints=1", *overrides],
+            ["trainer.batch_size=8", "trainer.log_interval=1", "trainer.keep_checkpoints=1", *overrides],
             env={"TP_FAULT": "slow@2-3"},
         )
         wait_for_steps(workdir, disk, 1, proc)

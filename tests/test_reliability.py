@@ -15,7 +15,7 @@ from train import checkpoint
 from train.config import ConfigError
 from train.run_dir import check_output_space
 
-REFERENCE = ["trainer.max_steps=10", "trainer.micro_batch=8"]
+REFERENCE = ["trainer.max_steps=10", "trainer.batch_size=8"]
 
 
 @pytest.fixture(scope="module")

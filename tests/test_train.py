@@ -111,7 +111,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(workdir) -> list[float]:
     """The reference: one process, global batch 8 (micro 8)."""
-    train(workdir, "single", ["trainer.max_steps=10", "trainer.micro_batch=8"])
+    train(workdir, "single", ["trainer.max_steps=10", "trainer.batch_size=8"])
     return losses(workdir, "single")
 
 
@@ -142,13 +142,13 @@ def test_single_process_run_writes_every_output(workdir, single):
 @pytest.mark.parametrize("layout", ["dp1_tp2", "dp1_tp2_sp", "dp2_tp1", "ga2"])
 def test_layouts_agree_with_the_single_process_run(workdir, single, layout):
     overrides, nproc = {
-        "dp1_tp2": (["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2"], 2),
+        "dp1_tp2": (["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=2"], 2),
         "dp1_tp2_sp": (
-            ["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2", "parallel.sequence_parallel=true"],
+            ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true"],
             2,
         ),
-        "dp2_tp1": (["trainer.max_steps=10", "trainer.micro_batch=4", "parallel.tp=1"], 2),
-        "ga2": (["trainer.max_steps=10", "trainer.micro_batch=4", "trainer.grad_accum=2"], 1),
+        "dp2_tp1": (["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=1"], 2),
+        "ga2": (["trainer.max_steps=10", "trainer.batch_size=8", "trainer.micro_batch=4"], 1),
     }[layout]
     train(workdir, layout, overrides, nproc)
     assert_same_curve(losses(workdir, layout), single, layout)
@@ -156,18 +156,18 @@ def test_layouts_agree_with_the_single_process_run(workdir, single, layout):
 
 @pytest.mark.slow
 def test_dp2_tp2_agrees_with_the_single_process_run(workdir, single):
-    train(workdir, "dp2_tp2", ["trainer.max_steps=10", "trainer.micro_batch=4", "parallel.tp=2"], 4)
+    train(workdir, "dp2_tp2", ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=2"], 4)
     assert_same_curve(losses(workdir, "dp2_tp2"), single, "dp2_tp2")
 
 
 def test_resume_matches_the_uninterrupted_run_and_reshards(workdir, single):
     step5 = workdir / "runs" / "single" / "checkpoints" / "step_5"  # the short form of step_00000005
-    train(workdir, "resumed", ["trainer.max_steps=10", "trainer.micro_batch=8", f"trainer.resume={step5}"])
+    train(workdir, "resumed", ["trainer.max_steps=10", "trainer.batch_size=8", f"trainer.resume={step5}"])
     assert_same_curve(losses(workdir, "resumed"), single, "stop at 5, resume to 10")
 
-    train(workdir, "tp2_run", ["trainer.max_steps=10", "trainer.micro_batch=8", "parallel.tp=2"], 2)
+    train(workdir, "tp2_run", ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=2"], 2)
     tp2_step5 = workdir / "runs" / "tp2_run" / "checkpoints" / "step_00000005"
-    train(workdir, "tp2_to_tp1", ["trainer.max_steps=10", "trainer.micro_batch=8", f"trainer.resume={tp2_step5}"])
+    train(workdir, "tp2_to_tp1", ["trainer.max_steps=10", "trainer.batch_size=8", f"trainer.resume={tp2_step5}"])
     assert_same_curve(losses(workdir, "tp2_to_tp1"), single, "saved at tp=2, resumed at tp=1")
     log = (workdir / "runs" / "tp2_to_tp1" / "logs" / "rank0.log").read_text()
     assert "resumed from" in log and "saved at dp 1 x tp 2" in log
@@ -190,7 +190,7 @@ def test_export_takes_the_short_checkpoint_name(workdir, single):
 
 def test_resume_auto_continues_the_latest_run(workdir):
     shutil.rmtree(workdir / "auto_runs", ignore_errors=True)
-    runs = ["trainer.max_steps=10", "trainer.micro_batch=8", f"trainer.out_dir={workdir / 'auto_runs'}"]
+    runs = ["trainer.max_steps=10", "trainer.batch_size=8", f"trainer.out_dir={workdir / 'auto_runs'}"]
     train(workdir, "first", [*runs, "trainer.checkpoint_interval=3"])
     train(workdir, "second", [*runs, "trainer.max_steps=12", "trainer.resume=auto"])
     log = (workdir / "auto_runs" / "second" / "logs" / "rank0.log").read_text()
@@ -201,7 +201,7 @@ def test_resume_auto_continues_the_latest_run(workdir):
 
 def test_single_node_launch_script(workdir, single):
     command = ["bash", str(ROOT / "launch" / "torchrun_single_node.sh"), "2"]
-    train(workdir, "script_tp2", ["trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"], command=command)
+    train(workdir, "script_tp2", ["trainer.max_steps=5", "trainer.batch_size=8", "parallel.tp=2"], command=command)
     assert_same_curve(losses(workdir, "script_tp2"), single[:5], "launch/torchrun_single_node.sh, tp=2")
 
 
@@ -214,7 +214,7 @@ def test_two_nodes_on_loopback_train_at_tp2(workdir, single):
         *TINY_RUN,
         f"trainer.out_dir={workdir / 'two_nodes'}",
         "trainer.max_steps=5",
-        "trainer.micro_batch=8",
+        "trainer.batch_size=8",
         "parallel.tp=2",
     ]
     procs = []
@@ -250,7 +250,7 @@ def test_accelerate_launch_on_cpu_runs_two_processes(workdir, single):
     train(
         workdir,
         "accelerate",
-        ["trainer.max_steps=5", "trainer.micro_batch=8", "parallel.tp=2"],
+        ["trainer.max_steps=5", "trainer.batch_size=8", "parallel.tp=2"],
         command=command,
         env=env,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -33,6 +35,7 @@ def generate(
     eos_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Append up to `max_new_tokens` tokens to `idx` `[B, T]`; returns `[B, T + n]`.
 
@@ -41,7 +44,8 @@ def generate(
     rank 0 is broadcast, so every rank continues identically. Sequences that emitted
     `eos_token_id` are padded with it; decoding stops when all have. The context is cropped to the
     last `max_seq_len` tokens; once it is full, each step re-encodes that window (learned absolute
-    positions cannot slide), so the cache saves work only until then.
+    positions cannot slide), so the cache saves work only until then. `streamer`, if given, is called
+    with each new token `[B]` as soon as it is chosen (to print a sample as it is written).
 
     Raises:
         ValueError: empty `idx`, negative `max_new_tokens` or `temperature`, `top_k <= 0`,
@@ -86,6 +90,8 @@ def generate(
                 token = token.masked_fill(finished, eos_token_id)
                 finished |= token == eos_token_id
             idx = torch.cat([idx, token[:, None]], dim=1)
+            if streamer is not None:
+                streamer(token)
             if eos_token_id is not None and finished.all():
                 break
     finally:

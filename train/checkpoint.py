@@ -3,6 +3,7 @@
     <run_dir>/checkpoints/step_00000100/   DCP files (model + AdamW moments) and meta.json
     <run_dir>/checkpoints/.tmp-step_...     a save in progress; renamed when complete
     <run_dir>/checkpoints/good.json         the newest checkpoint known good (never rotated away)
+    <run_dir>/checkpoints/best.json         with trainer.keep_best: the best validation loss's (kept too)
 
 A checkpoint is written into a temporary directory and renamed only after every rank has finished
 and rank 0 has recorded each file's size and SHA-256 in meta.json, so a crash mid-save never
@@ -42,6 +43,7 @@ from train.ranks import barrier, is_main_process
 log = logging.getLogger(__name__)
 META = "meta.json"
 GOOD = "good.json"
+BEST = "best.json"
 LOW_SPACE = 16 << 20  # a failed write with less free space than this is a full disk
 
 
@@ -133,9 +135,25 @@ def good_step(run_dir: Path) -> int | None:
 
 def mark_good(run_dir: Path, step: int) -> None:
     """Record checkpoint `step` as known good (rank 0; atomic)."""
-    file = Path(run_dir) / "checkpoints" / GOOD
+    _write_marker(Path(run_dir) / "checkpoints" / GOOD, {"step": step})
+
+
+def best(run_dir: Path) -> dict[str, Any] | None:
+    """`{"step", "val_loss"}` of the checkpoint with the best validation loss (`trainer.keep_best`), if any."""
+    try:
+        return json.loads((Path(run_dir) / "checkpoints" / BEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mark_best(run_dir: Path, step: int, val_loss: float) -> None:
+    """Record checkpoint `step` as the one with the best validation loss (rank 0; atomic)."""
+    _write_marker(Path(run_dir) / "checkpoints" / BEST, {"step": step, "val_loss": val_loss})
+
+
+def _write_marker(file: Path, content: dict[str, Any]) -> None:
     tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"step": step}))
+    tmp.write_text(json.dumps(content))
     os.replace(tmp, file)
 
 
@@ -226,9 +244,13 @@ class Checkpointer:
         if is_main_process():
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            good = good_step(self.run_dir)
-            for stale in checkpoint_dirs(self.run_dir)[: -self.keep]:  # all but the newest `keep` and the good one
-                if good is None or stale.name != checkpoint_name(good):
+            kept = {
+                checkpoint_name(s)
+                for s in (good_step(self.run_dir), (best(self.run_dir) or {}).get("step"))
+                if s is not None
+            }
+            for stale in checkpoint_dirs(self.run_dir)[: -self.keep]:  # all but the newest `keep`, good and best
+                if stale.name not in kept:
                     shutil.rmtree(stale, ignore_errors=True)
         barrier()
         return final
@@ -328,11 +350,16 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: D
     return meta
 
 
-def load_model_only(path: Path, model: nn.Module) -> dict:
-    """Load just the model tensors of a checkpoint into an unsharded model in one process."""
+def load_model(path: Path, model: nn.Module, mesh: DeviceMesh | None = None) -> dict:
+    """Load just the model tensors of checkpoint `path` into `model`, at any layout (a collective when
+    `mesh` is given: every rank of it calls this); returns the checkpoint's meta."""
     meta = read_meta(path)
     check_compatible(path, model)
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    wrapped, finish = dcp_state_dict(model, model.state_dict(), mesh)
+    state = {f"model.{k}": v for k, v in wrapped.items()}
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), no_dist=True)
+        dcp.load(
+            state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), no_dist=not dist.is_initialized()
+        )
+    finish()
     return meta

@@ -8,8 +8,9 @@ the rule.
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,6 @@ class TrainingError(RuntimeError):
 
 def opt(default: Any, help: str) -> Any:
     """A config field with its one-line description (shown by `python -m train --help`)."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: default, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -93,6 +92,11 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW beta1, in [0, 1)")
     beta2: float = opt(0.95, "AdamW beta2, in [0, 1)")
     grad_clip: float = opt(1.0, "clip the global gradient norm (shards counted once) to this; 0: no clipping")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    fused: bool | None = opt(None, "AdamW's fused implementation (true/false); null: torch's default")
+    foreach: bool | None = opt(None, "AdamW's multi-tensor implementation (true/false); null: torch's default")
+    schedule: str = opt("cosine", "after warmup: cosine | linear | constant | wsd (warmup-stable-decay)")
+    decay_fraction: float = opt(0.2, "wsd: the share of the steps after warmup spent decaying to min_lr")
 
 
 @dataclass
@@ -102,13 +106,22 @@ class ParallelConfig:
     device: str = opt("auto", "auto | cpu | cuda")
     timeout_s: float = opt(600.0, "deadline of every collective, seconds")
     shm_collectives: bool = opt(True, "CPU: a TP group on one host communicates through shared memory")
+    nproc_per_node: int = opt(
+        1,
+        "N > 1: this job starts its own `torchrun --standalone --nproc_per_node N` (one "
+        "per job of a sweep); leave 1 under a launcher",
+    )
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = opt(1000, "optimizer steps to train for")
-    micro_batch: int = opt(16, "sequences per forward pass on each DP rank")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    batch_size: int = opt(16, "sequences per optimizer step, over all DP ranks: the global batch, whatever the layout")
+    micro_batch: int | None = opt(
+        None,
+        "sequences per forward pass on each DP rank (a memory knob: gradients "
+        "accumulate over batch_size / (dp * micro_batch) of them); null: batch_size / dp",
+    )
     seq_len: int = opt(128, "tokens per training sequence (<= model.max_seq_len)")
     eval_interval: int = opt(200, "evaluate every this many steps (and at the end)")
     eval_batches: int = opt(8, "validation micro-batches per evaluation")
@@ -125,6 +138,16 @@ class TrainerConfig:
     progress: bool = opt(True, "show a progress bar")
     max_bad_steps: int = opt(25, "consecutive bad steps (non-finite or loss spike) before the run stops")
     spike_factor: float = opt(4.0, "a step whose loss exceeds spike_factor x the median of the last 50 is bad; 0: off")
+    log_with: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "accelerate trackers: tensorboard, mlflow, wandb, aim, ... ([] for none)"},
+    )
+    compile: bool = opt(False, "torch.compile the model for training")
+    compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to debug)")
+    deterministic: bool = opt(False, "torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG on GPU)")
+    eval_only: bool = opt(False, "evaluate the resumed (or fresh) model once, write eval.json, train nothing")
+    keep_best: bool = opt(False, "also save and keep the checkpoint with the best validation loss")
+    profile_steps: str | None = opt(None, "a torch.profiler trace of steps A-B (e.g. 10-12) in <run>/profile/")
 
 
 @dataclass
@@ -146,10 +169,11 @@ def describe(section: Any, name: str) -> str:
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore and the `${run_id:}` resolver in OmegaConf."""
-    from train.identity import run_id
+    from train.identity import run_id, sweep_subdir
 
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id)
+        OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir)
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
 
 
@@ -187,8 +211,8 @@ def _numbers(cfg: TrainConfig) -> None:
     positive = {
         "trainer": (
             "max_steps",
+            "batch_size",
             "micro_batch",
-            "grad_accum",
             "seq_len",
             "eval_interval",
             "eval_batches",
@@ -198,7 +222,7 @@ def _numbers(cfg: TrainConfig) -> None:
             "max_bad_steps",
         ),
         "optim": ("decay_steps",),
-        "parallel": ("tp",),
+        "parallel": ("tp", "nproc_per_node"),
     }
     for section, names in positive.items():
         for name in names:
@@ -210,12 +234,69 @@ def _numbers(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} = {value} must be >= 0")
 
 
+def batch_layout(trainer: TrainerConfig, dp: int) -> tuple[int, int]:
+    """`(micro_batch, grad_accum)` per DP rank for the global `trainer.batch_size` at data-parallel size `dp`.
+
+    Raises:
+        ConfigError: the batch does not split evenly into dp ranks of whole micro-batches.
+    """
+    if trainer.batch_size % dp != 0:
+        raise ConfigError(
+            f"trainer.batch_size = {trainer.batch_size} must be divisible by the data-parallel size "
+            f"dp = {dp} (world_size / parallel.tp)"
+        )
+    per_rank = trainer.batch_size // dp
+    micro = trainer.micro_batch or per_rank
+    if per_rank % micro != 0:
+        raise ConfigError(
+            f"trainer.batch_size / dp = {per_rank} sequences per rank must be a multiple of "
+            f"trainer.micro_batch = {micro}"
+        )
+    return micro, per_rank // micro
+
+
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+    "aim": "aim",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}  # name: module
+
+
+def _choices(cfg: TrainConfig) -> None:
+    """Names from fixed lists, trackers that are installed, a profile window, AdamW's implementation."""
+    o, t = cfg.optim, cfg.trainer
+    _choice(o.schedule, ("cosine", "linear", "constant", "wsd"), "optim.schedule")
+    _as_config_error(check_number, o.decay_fraction, "optim.decay_fraction", 0.0, 1.0, high_open=False)
+    _as_config_error(check_number, o.eps, "optim.eps", 0.0, math.inf, low_open=True)
+    if o.fused and o.foreach:
+        raise ConfigError("optim.fused and optim.foreach cannot both be true: AdamW takes one implementation")
+    for name in t.log_with:
+        _choice(name, tuple(TRACKERS), "trainer.log_with entry")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            extra = " (pip install 'tp-attention[trackers]')" if name == "mlflow" else ""
+            raise ConfigError(
+                f"trainer.log_with has {name!r}, but the {TRACKERS[name]} package is not installed{extra}"
+            )
+    if t.profile_steps is not None:
+        first, _, last = t.profile_steps.partition("-")
+        if not (first.isdigit() and (last or first).isdigit() and 1 <= int(first) <= int(last or first)):
+            raise ConfigError(f"trainer.profile_steps = {t.profile_steps!r} must be a step range A-B (1 <= A <= B)")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Check values and the relations between them. Raises ConfigError naming the value and the rule."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
     _numbers(cfg)
+    _choices(cfg)
     if world_size % p.tp != 0:
         raise ConfigError(f"world_size = {world_size} must be divisible by parallel.tp = {p.tp}")
+    batch_layout(t, world_size // p.tp)
     _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
     _choice(d.source, ("stdlib", "text", "hf"), "data.source")
     _choice(d.tokenizer, ("byte", "bpe"), "data.tokenizer")
@@ -232,6 +313,28 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         _as_config_error(check_sequence_parallel, t.seq_len, p.tp, name="trainer.seq_len", tp_name="parallel.tp")
 
 
-def field_defaults(section: type) -> dict[str, Any]:
-    """`{name: default}` of a config dataclass."""
-    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(section)}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "parallel": ParallelConfig,
+    "trainer": TrainerConfig,
+}
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Refuse keys the schema does not have, such as `+trainer.compil=true` (Hydra's `+` adds any key).
+
+    Raises:
+        ConfigError: naming the key and the section's fields.
+    """
+    for key in cfg:
+        if key not in (*SECTIONS, "run_id", "hydra"):
+            raise ConfigError(f"unknown config key {key!r}: the config has {', '.join((*SECTIONS, 'run_id'))}")
+    for section, schema in SECTIONS.items():
+        known = {f.name for f in fields(schema)}
+        for key in cfg[section]:
+            if key not in known:
+                raise ConfigError(
+                    f"unknown config key {section}.{key} (a typo?): {section} has {', '.join(sorted(known))}"
+                )

@@ -249,9 +249,10 @@ def check_activation_memory(cfg: GPTConfig, micro_batch: int, seq_len: int, tp: 
         return
     if need > free:
         raise ConfigError(
-            f"trainer.micro_batch = {micro_batch} at trainer.seq_len = {seq_len} needs about {need / 2**30:,.1f} GiB "
-            f"of activations per rank (estimate), and {free / 2**30:,.1f} GiB are available on {device.type}: use a "
-            "smaller micro_batch (and more trainer.grad_accum)"
+            f"{micro_batch} sequences per forward pass (trainer.micro_batch, or trainer.batch_size / dp) of "
+            f"trainer.seq_len = {seq_len} tokens need about {need / 2**30:,.1f} GiB of activations per rank "
+            f"(estimate), and {free / 2**30:,.1f} GiB are available on {device.type}: set a smaller "
+            "trainer.micro_batch (gradients then accumulate over more of them)"
         )
 
 
@@ -286,6 +287,6 @@ def step_batch(
 
 
 def eval_batches(tokens: np.ndarray, count: int, seed: int, micro_batch: int, seq_len: int):
-    """The same `count` validation batches at every evaluation."""
-    x, y = windows(tokens, count * micro_batch, seq_len, np.random.default_rng([seed, 2**31]))
+    """The same `count` validation windows at every evaluation (whatever the layout), in micro-batches."""
+    x, y = windows(tokens, count, seq_len, np.random.default_rng([seed, 2**31]))
     return list(zip(x.split(micro_batch), y.split(micro_batch), strict=True))

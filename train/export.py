@@ -34,7 +34,7 @@ def export(source: Path, out: Path | None = None) -> Path:
     run_dir = path.parent.parent
     meta = checkpoint.read_meta(path)
     model = GPT.from_config(GPTConfig(**meta["model"]))
-    checkpoint.load_model_only(path, model)
+    checkpoint.load_model(path, model)
     out = out or run_dir / f"export-{path.name}"
     model.save(out)
     if (run_dir / "tokenizer.json").is_file():

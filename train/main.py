@@ -38,6 +38,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         with phase("start-up", timeout_s):
             trainer = Trainer(conf, cfg, Path(HydraConfig.get().runtime.output_dir))
+        if conf.trainer.eval_only:
+            return trainer.evaluate_only()
         trainer.train()
         with phase("export and sampling", timeout_s):
             return trainer.finish()

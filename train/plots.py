@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -55,21 +55,29 @@ def save_attention_grid(
 
 
 def save_loss_plot(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Train (`loss`) and validation (`val_loss`) loss against `step`, from metrics records."""
+    """Train (`loss`) and validation (`val_loss`) loss against `step`, from one run's metrics records."""
+    return save_curves({"": history}, path, title)
+
+
+def save_curves(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
+    """Every run's train loss (a line) and validation loss (dots, the same colour) against step, one plot."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, style in (("loss", "train", "-"), ("val_loss", "validation", "o-")):
-        points = [(r["step"], r[key]) for r in history if key in r]
-        if points:
-            ax.plot(*zip(*points, strict=True), style, label=label, markersize=4)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, history) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        for key, kind, style in (("loss", "train", ".-"), ("val_loss", "validation", "o--")):
+            points = [(r["step"], r[key]) for r in history if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, color=color, markersize=4, label=f"{name} {kind}".strip())
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

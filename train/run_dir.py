@@ -29,9 +29,12 @@ def agree_on_run_dir(hydra_dir: Path) -> Path:
 
 
 class _AboveProgressBar(logging.StreamHandler):
-    """Log lines on stdout, written above tqdm's bar; stderr keeps the errors."""
+    """Log lines on stdout, written above tqdm's bar; stderr keeps the errors. Progress lines are left to the
+    bar when there is one (a terminal): the log file still gets them."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "progress", False) and sys.stderr.isatty():
+            return
         tqdm.write(self.format(record), file=sys.stdout)
 
 
@@ -56,10 +59,11 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def write_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
-    """`.hydra/config.yaml` and `overrides.yaml`, as Hydra writes them (call from rank 0 only)."""
+    """`.hydra/config.yaml` (resolved: the run id is the real one) and `overrides.yaml`, as Hydra writes them
+    (call from rank 0 only)."""
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, hydra_dir / "config.yaml")
+    OmegaConf.save(cfg, hydra_dir / "config.yaml", resolve=True)
     OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), hydra_dir / "overrides.yaml")
 
 

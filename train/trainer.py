@@ -17,7 +17,9 @@ update: `train.guard`) or a stop signal (save and stop: `train.preemption`).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -28,17 +30,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.flops import flops_per_token
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
 from train import checkpoint, faults
-from train.config import ConfigError, TrainConfig
+from train.config import ConfigError, TrainConfig, batch_layout
 from train.data import check_activation_memory, eval_batches, prepare_data, step_batch
 from train.flops import measure_peak_flops, mfu
 from train.guard import DivergenceGuard
@@ -48,10 +50,13 @@ from train.metrics import Metrics
 from train.phases import phase
 from train.plots import save_loss_plot
 from train.preemption import Preempted, StopFlag
+from train.profiling import StepProfiler
+from train.progress import Progress
 from train.ranks import any_rank, broadcast_object, on_main
+from train.records import write_run_record
 from train.resume import resolve_resume
 from train.run_dir import agree_on_run_dir, check_output_space, setup_logging, write_hydra_files, write_status
-from train.schedule import lr_at
+from train.schedule import lr_at, schedule_warnings
 
 log = logging.getLogger("train")
 
@@ -145,14 +150,18 @@ class Trainer:
         self.mesh, self.tp_group = (self.groups.mesh, self.groups.tp_group) if self.groups else (None, None)
         self.dp_size, self.dp_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
         self.dp_group = self.groups.dp_group if self.groups and self.dp_size > 1 else None
+        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size)
+        torch.use_deterministic_algorithms(t.deterministic)  # off again for the next job of a sweep
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
         self.run_dir = agree_on_run_dir(hydra_dir)
         self.lock = RunLock(self.run_dir)
         stale = on_main(self.lock.acquire)  # one writer per run dir: a second run here is refused, naming the holder
         self.accelerator = Accelerator(
             cpu=self.device_type == "cpu",
             mixed_precision=t.mixed_precision,
-            gradient_accumulation_steps=t.grad_accum,
-            log_with="tensorboard",
+            gradient_accumulation_steps=self.grad_accum,
+            log_with=list(t.log_with) or None,
             project_config=ProjectConfiguration(str(self.run_dir), str(self.run_dir)),
         )
         self.rank, self.device = self.accelerator.process_index, self.accelerator.device
@@ -162,13 +171,18 @@ class Trainer:
             log.warning("took over the stale lock of %s on %s", stale, self.run_dir)
         if self.is_main:
             write_hydra_files(self.run_dir, self.cfg)
+            write_run_record(self.run_dir, self.cfg, self.world)
         log.info(
-            "run dir %s | world %d = dp %d x tp %d | device %s",
+            "run dir %s | world %d = dp %d x tp %d | device %s | batch %d = dp x %d micro x %d accumulated%s",
             self.run_dir,
             self.world,
             self.dp_size,
             p.tp,
             self.device_type,
+            t.batch_size,
+            self.micro_batch,
+            self.grad_accum,
+            " | deterministic algorithms" if t.deterministic else "",
         )
 
     def _setup_data(self) -> None:
@@ -180,7 +194,7 @@ class Trainer:
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
         self.model_config = GPTConfig(**{**asdict(m), "vocab_size": vocab})
-        check_activation_memory(self.model_config, t.micro_batch, t.seq_len, self.conf.parallel.tp, self.device)
+        check_activation_memory(self.model_config, self.micro_batch, t.seq_len, self.conf.parallel.tp, self.device)
         log.info(
             "data %s: %d train / %d val tokens, vocab %d",
             self.data.directory,
@@ -188,7 +202,9 @@ class Trainer:
             len(self.data.val),
             vocab,
         )
-        self.val_batches = eval_batches(self.data.val, t.eval_batches, t.seed, t.micro_batch, t.seq_len)
+        self.val_batches = eval_batches(
+            self.data.val, t.eval_batches * t.batch_size, t.seed, self.micro_batch, t.seq_len
+        )
 
     def _setup_model(self) -> None:
         """The model (one seed: the same full weights on every rank, whatever the layout), DDP, AdamW."""
@@ -202,9 +218,14 @@ class Trainer:
             if self.dp_group is not None
             else self.model
         )
-        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
+        implementation = {k: v for k, v in (("fused", o.fused), ("foreach", o.foreach)) if v is not None}
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **implementation
+        )
         self.optimizer = self.accelerator.prepare(optimizer)
-        self.accelerator.init_trackers("tensorboard")
+        if self.conf.trainer.compile:
+            self.wrapped = torch.compile(self.wrapped, backend=self.conf.trainer.compile_backend)
+        self._start_trackers()
         self.metrics = Metrics(self.run_dir, self.accelerator, self.is_main)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, self.mesh, self.conf.trainer.keep_checkpoints)
         self.guard = DivergenceGuard(
@@ -214,9 +235,10 @@ class Trainer:
     def _resume(self) -> None:
         """Continue from the checkpoint `trainer.resume` names (or this run dir's newest), if any."""
         t = self.conf.trainer
-        self.experiment = experiment(self.cfg, self.world)
+        self.experiment = experiment(self.cfg)
         self.step = self.optimizer_steps = 0
         self.last_val: float | None = None
+        self.best_val = (checkpoint.best(self.run_dir) or {}).get("val_loss", math.inf)
         source = on_main(resolve_resume, t.resume, self.run_dir, Path(t.out_dir), self.experiment)
         if source is not None:
             meta = checkpoint.load(Path(source), self.model, self.optimizer.optimizer, self.mesh)
@@ -249,11 +271,56 @@ class Trainer:
     def _setup_measures(self) -> None:
         """Tokens and model FLOPs per step, and the matmul peak (for MFU)."""
         t = self.conf.trainer
-        self.tokens_per_step = t.micro_batch * t.grad_accum * self.dp_size * t.seq_len
+        self.tokens_per_step = t.batch_size * t.seq_len
         self.step_flops = (
             flops_per_token(self.model_config, self.model.num_parameters(), t.seq_len) * self.tokens_per_step
         )
         self.peak_flops = broadcast_object(measure_peak_flops(self.device)) * self.world
+        for warning in schedule_warnings(self.conf.optim, t.max_steps):
+            log.warning(warning)
+        self._check_precision()
+
+    def _start_trackers(self) -> None:
+        """accelerate's trackers (`trainer.log_with`), the run's hyperparameters logged once."""
+        if not self.conf.trainer.log_with:
+            return
+        if "mlflow" in self.conf.trainer.log_with:  # a local file store in the run dir, nothing to serve
+            os.environ.setdefault("MLFLOW_TRACKING_URI", (self.run_dir / "mlruns").as_uri())
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in experiment(self.cfg).items()}
+        hparams |= {"parallel.tp": self.conf.parallel.tp, "parallel.dp": self.dp_size}
+        kwargs = {
+            "mlflow": {"run_name": self.run_dir.name},
+            "wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)},
+        }
+        self.accelerator.init_trackers(
+            "tensorboard",
+            config=hparams,
+            init_kwargs={k: v for k, v in kwargs.items() if k in self.conf.trainer.log_with},
+        )
+
+    def _check_precision(self) -> None:
+        """Warn when the chosen mixed precision is much slower than fp32 on this device (CPUs without native
+        bf16 run a bf16 matmul tens of times slower), naming both measured peaks."""
+        precision = self.conf.trainer.mixed_precision
+        if precision == "no":
+            return
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        low = broadcast_object(measure_peak_flops(self.device, dtype))
+        full = broadcast_object(measure_peak_flops(self.device, torch.float32))
+        log.info("matmul peak here: %s %.1f GFLOP/s, fp32 %.1f GFLOP/s", precision, low / 1e9, full / 1e9)
+        if low < 0.5 * full:
+            log.warning(
+                "trainer.mixed_precision = %s is %.0fx slower than fp32 here: %s matmuls reach %.1f GFLOP/s, "
+                "fp32 %.1f GFLOP/s (this %s has no fast %s); trainer.mixed_precision=no is faster",
+                precision,
+                full / low,
+                precision,
+                low / 1e9,
+                full / 1e9,
+                self.device_type,
+                precision,
+            )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The model's loss on one micro-batch (through DDP where there is data parallelism)."""
@@ -287,11 +354,11 @@ class Trainer:
         torch.manual_seed(step_seed(t.seed, step, self.dp_rank))
         loss_sum = torch.zeros((), device=self.device)
         for x, y in step_batch(
-            self.data.train, step, t.seed, t.micro_batch, t.grad_accum, t.seq_len, self.dp_rank, self.dp_size
+            self.data.train, step, t.seed, self.micro_batch, self.grad_accum, t.seq_len, self.dp_rank, self.dp_size
         ):
             loss_sum += self.forward_backward(x, y)
         norm = self.clip_gradients()
-        loss, limit = loss_sum / t.grad_accum, self.guard.spike_limit()
+        loss, limit = loss_sum / self.grad_accum, self.guard.spike_limit()
         nonfinite, spike, stop = any_rank(
             ~(torch.isfinite(loss_sum) & torch.isfinite(norm)), loss > limit, torch.tensor(self.stop.requested)
         )
@@ -364,14 +431,8 @@ class Trainer:
             Preempted: a stop signal arrived; the checkpoint of the last step was saved.
         """
         t = self.conf.trainer
-        bar = tqdm(
-            total=t.max_steps,
-            initial=min(self.step, t.max_steps),
-            desc="train",
-            unit="step",
-            disable=not (self.is_main and t.progress),
-            dynamic_ncols=True,
-        )
+        progress = Progress(t.max_steps, self.step, self.tokens_per_step, self.is_main, t.progress)
+        profiler = StepProfiler(t.profile_steps, self.run_dir, self.rank, self.device)
         self.model.train()
         window = LogWindow(self.device)
         if self.is_main:
@@ -379,8 +440,10 @@ class Trainer:
         self.stop.install()
         try:
             for step in range(self.step, t.max_steps):
+                profiler.before(step + 1)
                 with phase(f"training step {step + 1}", self.conf.parallel.timeout_s):
                     result = self.train_step(step)
+                profiler.after(step + 1)
                 self.step = result.done
                 self.stop.step_grace_s = max(self.stop.step_grace_s, 3 * result.seconds)
                 if result.stop:
@@ -389,36 +452,51 @@ class Trainer:
                 if confirmed is not None and confirmed.parent.parent == self.run_dir and self.is_main:
                     checkpoint.mark_good(self.run_dir, int(confirmed.name.removeprefix("step_")))
                 window.add(result)
-                bar.update(1)
-                self.after_step(result, window, bar)
+                progress.update()
+                self.after_step(result, window, progress)
         finally:
             self.stop.uninstall()
-            bar.close()
+            progress.close()
 
-    def after_step(self, result: StepResult, window: LogWindow, bar: tqdm) -> None:
+    def after_step(self, result: StepResult, window: LogWindow, progress: Progress) -> None:
         """Log, evaluate and checkpoint when due after step `result.done`; stop if a signal asked to."""
         t, done = self.conf.trainer, result.done
-        is_last, record = done == t.max_steps, None
+        is_last, record, saved = done == t.max_steps, None, None
         if done % t.log_interval == 0 or is_last:
             record = self.log_record(result, window)
-            if record["loss"] is not None:
-                mfu_text = "noisy" if record["mfu"] is None else f"{record['mfu']:.1%}"
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=mfu_text)
+            progress.report(record)
             window.reset()
+        improved = False
         if done % t.eval_interval == 0 or is_last:
             with phase(f"evaluation at step {done}", self.conf.parallel.timeout_s):
-                self.last_val = self.evaluate()
-            record = {**(record or {"step": done}), "val_loss": self.last_val}
-            log.info("step %d: val loss %.4f", done, self.last_val)
+                val = self.evaluate()
+            improved, self.last_val = t.keep_best and val < self.best_val, val
+            self.best_val = min(self.best_val, val)
+            record = {**(record or {"step": done}), "val_loss": val}
+            log.info("step %d: val loss %.4f", done, val)
         if record is not None:
             self.metrics.log(record)
-        if done % t.checkpoint_interval == 0 or is_last or result.stop:
+        if done % t.checkpoint_interval == 0 or is_last or result.stop or improved:
             with phase(f"saving checkpoint step {done}", self.conf.parallel.timeout_s):
                 saved = self.save_checkpoint(done)
-            if is_last and saved is not None and self.is_main:
+            if saved is not None and self.is_main and is_last:
                 checkpoint.mark_good(self.run_dir, done)  # the run's own end: nothing comes after to confirm it
+            if saved is not None and self.is_main and improved:
+                checkpoint.mark_best(self.run_dir, done, self.last_val)
         if result.stop:
             raise Preempted(self.stop.signum or 15, done, str(saved or self.guard.good or "none"))
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """`trainer.eval_only`: the validation loss of the model as resumed (or freshly built), in eval.json."""
+        with phase(f"evaluation at step {self.step}", self.conf.parallel.timeout_s):
+            val = self.evaluate()
+        result = {"step": self.step, "val_loss": val, "perplexity": math.exp(val), "run_dir": str(self.run_dir)}
+        if self.is_main:
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            log.info(
+                "step %d: val loss %.4f, perplexity %.3f (trainer.eval_only; eval.json)", self.step, val, math.exp(val)
+            )
+        return result
 
     def finish(self) -> dict[str, Any]:
         """Export the model, sample from it, plot the loss; returns the run's summary."""
@@ -452,9 +530,11 @@ class Trainer:
         }
 
     def close(self) -> None:
-        """Release the run dir's lock and the shared-memory buffer (also after a failure)."""
+        """Release the run dir's lock, the shared-memory buffer and accelerate's process-wide state (the next
+        job of a sweep runs in this process), also after a failure."""
         if self.lock is not None:
             self.lock.release()
+        AcceleratorState._reset_state(reset_partial_state=True)
         shared = getattr(self.groups.tp_group, "shared_memory", None) if self.groups else None
         if shared is not None:
             shared.close()

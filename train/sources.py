@@ -1,0 +1,101 @@
+"""A trained model to use: from a run directory, one of its checkpoints, or an export, at any tp.
+
+    run dir      its newest intact checkpoint (or its export/ when it has no checkpoint)
+    checkpoint   `<run>/checkpoints/step_N` (or `step_0000000N`)
+    export       a directory (or file) written by `GPT.save`: model.safetensors + config.json
+
+The tokenizer is the one saved beside it (`tokenizer.json`, BPE), else bytes; the training config, when
+there is one, comes along (the run's validation split is described by it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from torch.distributed.device_mesh import DeviceMesh
+
+from tp_attention.distributed import Group, ParallelGroups, default_device_type, init_parallel_groups
+from tp_attention.model import GPT, GPTConfig
+from train import checkpoint
+from train.config import ConfigError
+from train.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+
+
+@dataclass
+class Source:
+    """A loaded model with what came with it."""
+
+    model: GPT
+    tokenizer: ByteTokenizer | BPETokenizer
+    run_dir: Path | None  # the run it came from, if any
+    config: dict[str, Any] | None  # that run's training config, if known
+    step: int | None  # the step it was saved at (None for an export)
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    saved = run_dir / ".hydra" / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(saved), resolve=False) if saved.is_file() else None
+
+
+def load_source(path: str | Path, tp_group: Group = None, mesh: DeviceMesh | None = None) -> Source:
+    """The model at `path` (see the module docstring), sharded over `tp_group` (with `mesh`, its `(dp, tp)`
+    mesh, for checkpoints). A collective when tp > 1.
+
+    Raises:
+        ConfigError: nothing loadable at `path`, or a checkpoint is refused.
+    """
+    path = checkpoint.normalize_path(Path(path).expanduser())
+    export = path if path.suffix == ".safetensors" else path / "model.safetensors"
+    if export.is_file():
+        model = GPT.load(export, tp_group=tp_group)
+        parent = export.parent.parent
+        run_dir = parent if (parent / "checkpoints").is_dir() else None
+        return Source(model, load_tokenizer(export.parent), run_dir, _run_config(run_dir) if run_dir else None, None)
+    found = path if (path / checkpoint.META).is_file() else checkpoint.latest_valid([path])[0]
+    if found is None and (path / "export" / "model.safetensors").is_file():
+        return load_source(path / "export", tp_group, mesh)
+    problem = "nothing to load (no model.safetensors, no checkpoint)" if found is None else checkpoint.verify(found)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
+    meta = checkpoint.read_meta(found)
+    model = GPT.from_config(GPTConfig(**meta["model"]), tp_group=tp_group)
+    checkpoint.load_model(found, model, mesh)
+    run_dir = found.parent.parent
+    config = meta.get("config") or _run_config(run_dir)
+    return Source(model, load_tokenizer(run_dir), run_dir, config, meta["step"])
+
+
+def read_prompt(value: str) -> str:
+    """`--prompt` as given, or the contents of FILE for `@FILE`."""
+    if value.startswith("@"):
+        file = Path(value[1:]).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"--prompt {value!r}: no file {file}")
+        return file.read_text(errors="replace")
+    return value
+
+
+def dump(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def parallel_groups(tp: int) -> ParallelGroups | None:
+    """Under torchrun, the `(dp, tp)` groups of this world (CPU: TP collectives in shared memory); else None.
+
+    Raises:
+        ConfigError: tp does not divide the world size.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return None
+    device_type = default_device_type()
+    try:
+        return init_parallel_groups(tp, device_type, shared_memory=device_type == "cpu")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
