@@ -54,6 +54,11 @@ GOALS = {  # ratio of step times, {tp} filled in: {dtype: goal}
 }
 
 
+def device_of(args: argparse.Namespace) -> str:
+    """`--device`, with auto resolved: cuda when there is one."""
+    return args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_worker(variant: str, shape: str, dtype: str, ranks: int, compiled: bool, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -72,6 +77,8 @@ def run_worker(variant: str, shape: str, dtype: str, ranks: int, compiled: bool,
             str(max(args.warmup, int(compiled))),
             "--out",
             str(out),
+            "--device",
+            device_of(args),
             *(["--compile"] if compiled else []),
         ]
         env = dict(os.environ)
@@ -87,7 +94,7 @@ def run_worker(variant: str, shape: str, dtype: str, ranks: int, compiled: bool,
                 f"--nproc_per_node={ranks}",
                 *worker,
             ]
-            if not torch.cuda.is_available():
+            if device_of(args) == "cpu":
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
@@ -220,6 +227,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="eager against torch.compile for plain, ours tp=1 and ours tp=N (instead of the rest)",
     )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if there is one")
     parser.add_argument(
         "--out",
         type=Path,
@@ -232,7 +240,7 @@ def parse_args() -> argparse.Namespace:
 def plan(args: argparse.Namespace, device: str, units: int) -> tuple[list[int], list[str], list[tuple]]:
     """The tp sizes, dtypes and configurations `(variant, shape, dtype, ranks, compiled)` to run."""
     tps = [tp for tp in (2, 4, 8) if tp <= units and (device == "cuda" or tp <= 4)]
-    shapes = ["small"] if args.quick else [s for s in SHAPES if device == "cuda" or s != "gpt2"]
+    shapes = ["small"] if args.quick else ["small", "medium", *(["gpt2"] if device == "cuda" else [])]
     dtypes = ["fp32"] if args.quick else ["fp32", "bf16"]
     if args.compile:
         variants = [
@@ -299,7 +307,7 @@ def machine(device: str, cores: int) -> str:
 def main() -> None:
     args = parse_args()
     cores = os.cpu_count() or 1
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device_of(args)
     tps, dtypes, jobs = plan(args, device, torch.cuda.device_count() if device == "cuda" else cores)
     torch.set_num_threads(cores)
     peak = {

@@ -35,6 +35,7 @@ SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
     "medium": (8, 8, 512, 256, 4),
     "gpt2": (12, 12, 768, 1024, 8),  # GPT-2 124M (GPU only)
+    "tiny": (2, 2, 64, 64, 2),  # the GPU check's CPU dry run
 }
 VOCAB = 256
 COLLECTIVES = {
@@ -128,11 +129,11 @@ def profile(step, device: torch.device, steps: int = 2) -> dict[str, float]:
     return ms
 
 
-def gpt_config(shape: str) -> GPTConfig:
-    """Our GPT at one of the benchmark's shapes (byte vocabulary, no dropout)."""
+def gpt_config(shape: str, vocab: int = VOCAB) -> GPTConfig:
+    """Our GPT at one of the benchmark's shapes (byte vocabulary unless `vocab`, no dropout)."""
     layers, heads, width, seq, _ = SHAPES[shape]
     return GPTConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         max_seq_len=seq,
         emb_size=width,
         num_heads=heads,
@@ -142,12 +143,12 @@ def gpt_config(shape: str) -> GPTConfig:
     )
 
 
-def build(variant: str, shape: str, tp_group, mesh, sequence_parallel: bool) -> torch.nn.Module:
+def build(variant: str, shape: str, tp_group, mesh, sequence_parallel: bool, vocab: int = VOCAB) -> torch.nn.Module:
     layers, heads, width, seq, _ = SHAPES[shape]
     torch.manual_seed(0)
     if variant in ("ours", "ours_sp", "ours_gloo"):
-        return GPT.from_config(gpt_config(shape), tp_group=tp_group, sequence_parallel=sequence_parallel)
-    model = NanoGPT(VOCAB, seq, width, heads, layers, split_qkv=variant == "dtensor")
+        return GPT.from_config(gpt_config(shape, vocab), tp_group=tp_group, sequence_parallel=sequence_parallel)
+    model = NanoGPT(vocab, seq, width, heads, layers, split_qkv=variant == "dtensor")
     return parallelize_with_dtensor(model, mesh["tp"]) if variant == "dtensor" else model
 
 
@@ -159,7 +160,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (GPT-2: 50304, padded)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -171,13 +174,13 @@ def main() -> None:
     groups = init_parallel_groups(world, device.type, shared_memory=shared_memory) if world > 1 else None
     tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
     sequence_parallel = args.variant == "ours_sp"
-    model = build(args.variant, args.shape, tp_group, mesh, sequence_parallel).to(device)
+    model = build(args.variant, args.shape, tp_group, mesh, sequence_parallel, args.vocab).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     _, _, _, seq, batch = SHAPES[args.shape]
     gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, VOCAB, (batch, seq), generator=gen).to(device)
-    y = torch.randint(0, VOCAB, (batch, seq), generator=gen).to(device)
+    x = torch.randint(0, args.vocab, (batch, seq), generator=gen).to(device)
+    y = torch.randint(0, args.vocab, (batch, seq), generator=gen).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
     def step(run: torch.nn.Module = forward) -> float:

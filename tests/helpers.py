@@ -15,6 +15,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from torch.distributed.tensor.debug import CommDebugMode
 
@@ -86,12 +87,37 @@ def naive_attention(mha: MultiHeadAttention, x: torch.Tensor, mask: torch.Tensor
 
 
 # ---------------------------------------------------------------- GPT
+# (world, shared_memory) for the multi-process equivalence runs: 4 ranks over gloo only with --runslow
+LAYOUTS = [(2, False), (2, True), pytest.param(4, False, marks=pytest.mark.slow), (4, True)]
+
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+LLAMA3_SCALING["original_max_position_embeddings"] = 8  # below max_seq_len: every frequency band is in play
 TINY_GPT = dict(vocab_size=64, max_seq_len=16, emb_size=32, num_heads=4, head_size=8, num_layers=2, dropout=0.0)
 CASES = {
     "base": TINY_GPT,
     "vocab65": dict(TINY_GPT, vocab_size=65),
     "gqa": dict(TINY_GPT, num_kv_heads=2, vocab_size=65),
     "mqa-untied-nobias": dict(TINY_GPT, num_kv_heads=1, tie_embeddings=False, bias=False),
+    "llama": dict(  # Llama's block: RMSNorm, SwiGLU (intermediate_size), RoPE, GQA, no biases, untied
+        TINY_GPT,
+        vocab_size=65,
+        num_kv_heads=2,
+        norm="rmsnorm",
+        activation="swiglu",
+        intermediate_size=48,
+        position="rope",
+        bias=False,
+        tie_embeddings=False,
+    ),
+    "gelu_tanh-rope-llama3": dict(  # GPT-2's activation; Llama 3's scaled RoPE; biases only in the MLP
+        TINY_GPT,
+        activation="gelu_tanh",
+        position="rope",
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_SCALING,
+        attention_bias=False,
+        norm_eps=1e-6,
+    ),
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers import ATTENTION, FP32, attention_case, count_collectives
+from tests.helpers import ATTENTION, FP32, LAYOUTS, attention_case, count_collectives
 from tp_attention import MultiHeadAttention, full_state_dict, load_full_state_dict
 from tp_attention.shm import with_shared_memory
 from tp_attention.testing import assert_close, assert_results_close, forward_backward, run_processes
@@ -51,8 +51,7 @@ def dropout_reference():
     return ref.state_dict(), ref(torch.ones(2, 8, 32)).detach()
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shm"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world, shared_memory", LAYOUTS, ids=["2-gloo", "2-shm", "4-gloo", "4-shm"])
 def test_attention_on_gloo(world, shared_memory):
     references = [attention_case(cfg, kind) for cfg, kind in CASES]
     cases = [(cfg, ref.state_dict(), x, mask) for (cfg, _), (ref, x, mask) in zip(CASES, references, strict=True)]

@@ -22,6 +22,7 @@ def run_quick_bench(out: Path, *flags: str) -> None:
     subprocess.run([*command, "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=900)
 
 
+@pytest.mark.slow  # the GPU check's dry run (tests/test_gpu_check.py) runs the same command in the default suite
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tp=2 needs two cores")
 def test_quick_benchmark_writes_results(tmp_path):
     run_quick_bench(tmp_path)
@@ -138,3 +139,15 @@ def test_collectives_benchmark_prints_gloo_and_shared_memory_times():
     for row in rows:  # both timings and the speed-up are numbers
         gloo, shared, speedup = row.strip(" |").split(" | ")[1:]
         assert float(gloo) > 0 and float(shared) > 0 and float(speedup.rstrip("x")) > 0
+
+
+def test_hf_load_benchmark_measures_each_rank(tmp_path):
+    command = [sys.executable, "-m", "bench.hf_load", "--layers", "1", "--vocab", "512", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "hf_load.json").read_text())["rows"]
+    assert [(r["how"], r["tp"]) for r in rows] == [("from_pretrained", 1)] + [("from_pretrained", 2)] * 2 + [
+        ("full_then_shard", 2)
+    ] * 2
+    assert 0.49 < rows[1]["local_param_bytes"] / rows[0]["local_param_bytes"] < 0.51  # norms are replicated
+    assert "peak growth MiB" in done.stdout

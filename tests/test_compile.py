@@ -61,7 +61,7 @@ def assert_same(result: dict) -> None:
         assert_close(result["compiled"][1][name], grads[name], **FP32, what=f"compiled grad of {name}")
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shm"])
+@pytest.mark.parametrize("shared_memory", [pytest.param(False, marks=pytest.mark.slow), True], ids=["gloo", "shm"])
 def test_a_block_compiles_without_graph_breaks_at_tp2(shared_memory):
     for rank_results in run_processes(2, on_every_rank, shared_memory):
         for result in rank_results:  # sequence parallel off, on

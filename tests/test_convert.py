@@ -38,3 +38,21 @@ def test_configs_nanogpt_cannot_express_are_refused():
     cfg = GPTConfig(num_kv_heads=2, ffn_mult=2)
     with pytest.raises(ValueError, match=r"num_kv_heads = 2 .*ffn_mult = 2"):
         to_nanogpt(GPT.from_config(cfg).state_dict(), cfg)
+
+
+def test_import_skips_causal_mask_buffers_and_keeps_an_untied_head():
+    """nanoGPT without flash attention (and older GPT-2 exports) store `attn.bias`, the causal mask, per
+    block; a fine-tuned checkpoint may carry an `lm_head.weight` of its own."""
+    plain = NanoGPT(70, 16, 32, 4, 2)
+    plain.lm_head.weight = torch.nn.Parameter(torch.randn(70, 32))  # untied from wte
+    state = dict(plain.state_dict())
+    for layer in range(2):
+        state[f"transformer.h.{layer}.attn.bias"] = torch.ones(16, 16).tril().view(1, 1, 16, 16)
+        state[f"transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    cfg, ours_state = from_nanogpt(state, num_heads=4)
+    assert not cfg.tie_embeddings
+    ours = GPT.from_config(cfg)
+    ours.load_state_dict(ours_state)  # strict: nothing missing, nothing extra
+    idx = torch.randint(0, 70, (2, 12))
+    with torch.no_grad():
+        assert_close(ours(idx), plain(idx), rtol=1e-5, atol=1e-6, what="untied head logits")

@@ -11,8 +11,15 @@ import pytest
 from tests.helpers import ROOT
 
 
-@pytest.mark.parametrize("script", ["attention_heatmap.py", "gpt_attention_maps.py"])
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize(
+    "script, ranks",
+    [
+        ("attention_heatmap.py", 1),
+        pytest.param("attention_heatmap.py", 2, marks=pytest.mark.slow),  # tp=2: gpt_attention_maps' run
+        pytest.param("gpt_attention_maps.py", 1, marks=pytest.mark.slow),
+        ("gpt_attention_maps.py", 2),
+    ],
+)
 def test_example_writes_a_png(script, ranks, tmp_path):
     out = tmp_path / "maps.png"
     launcher = (

@@ -186,7 +186,8 @@ def test_typos_are_refused_in_one_line(workdir, override):
 def test_help_describes_every_field(workdir):
     done = command([sys.executable, "-m", "train", "--help"], workdir)
     assert done.returncode == 0
-    for line in ("  trainer.batch_size: int = 16", "  optim.schedule: str = 'cosine'", "  model=gpt2, small, tiny"):
+    presets = "  model=gpt2, llama3_1b, llama_tiny, small, tiny"
+    for line in ("  trainer.batch_size: int = 16", "  optim.schedule: str = 'cosine'", presets):
         assert line in done.stdout
     lines = done.stdout.splitlines()
     fields = [i for i, line in enumerate(lines) if line[:2] == "  " and line[2].isalpha() and " = " in line]

@@ -34,8 +34,9 @@ def test_sharded_gpt_equals_unsharded(case):
     assert_gpt_equivalent(CASES[case], (1, 2, 4))  # "gqa" at tp=4 replicates each of its two KV heads on two ranks
 
 
-def test_bf16_sharded_gpt_matches_unsharded():
-    assert_gpt_equivalent(CASES["vocab65"], (2,), dtype=torch.bfloat16, **BF16)
+@pytest.mark.parametrize("case", ["vocab65", "llama"])
+def test_bf16_sharded_gpt_matches_unsharded(case):
+    assert_gpt_equivalent(CASES[case], (2,), dtype=torch.bfloat16, **BF16)
 
 
 def sharded_cross_entropy(rank, world, vocab, full_logits, target, ignore_index):
@@ -122,9 +123,10 @@ def generate_both_ways(rank, world, cfg, state, prompt):
     return with_cache, without, sampled
 
 
+@pytest.mark.parametrize("case", ["gqa", "llama"])  # llama: RoPE, so the cache holds rotated keys
 @pytest.mark.parametrize("tp", [1, 2])
-def test_kv_cache_generation_equals_full_recompute(tp):
-    cfg = CASES["gqa"]
+def test_kv_cache_generation_equals_full_recompute(tp, case):
+    cfg = CASES[case]
     model = spiky(cfg)
     prompt = torch.randint(0, 65, (2, 5), generator=torch.Generator().manual_seed(3))
     results = run_threaded(tp, generate_both_ways, cfg, model.state_dict(), prompt)
@@ -292,7 +294,7 @@ def test_autocast_bf16_sharded_matches_unsharded():
             assert_close(r_grads[name], grads[name], **BF16, what=f"autocast grad of {name}")
 
 
-@pytest.mark.parametrize("case", ["vocab65", "gqa", "mqa-untied-nobias"])
+@pytest.mark.parametrize("case", ["vocab65", "gqa", "mqa-untied-nobias", "llama"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_sequence_parallel_equals_unsharded(case, tp):
     assert_gpt_equivalent(CASES[case], (tp,), seq=12, sequence_parallel=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers import CASES, FP32, count_collectives, count_shared_memory_calls, gpt_batch, logits_and_loss
+from tests.helpers import CASES, FP32, LAYOUTS, count_collectives, count_shared_memory_calls, gpt_batch, logits_and_loss
 from tp_attention import full_grads, load_full_state_dict
 from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT
@@ -14,7 +14,7 @@ from tp_attention.shm import with_shared_memory
 from tp_attention.testing import assert_close, assert_results_close, forward_backward, run_processes
 
 DROPOUT = dict(CASES["vocab65"], dropout=0.3)
-EQUIVALENCE = ["vocab65", "gqa"]
+EQUIVALENCE = ["vocab65", "gqa", "llama"]
 
 
 def sync(model: GPT) -> None:
@@ -61,8 +61,7 @@ def dropout_reference(idx, targets):
     return loss.detach(), full_grads(model), model
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shm"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world, shared_memory", LAYOUTS, ids=["2-gloo", "2-shm", "4-gloo", "4-shm"])
 def test_gpt_on_gloo(world, shared_memory):
     cases = []
     for name in EQUIVALENCE:

@@ -30,6 +30,7 @@ def reference(workdir) -> list[float]:
     return losses(workdir, "reference")
 
 
+@pytest.mark.slow  # a crash mid-save and resume stay in the default suite
 def test_killed_rank_restarts_and_resumes(workdir, reference):
     command = [*TORCHRUN, "--max-restarts=1", "-m", "train"]
     train(workdir, "killed", [*REFERENCE, "parallel.tp=2"], command=command, env={"TP_FAULT": "kill@8:1"})
@@ -200,6 +201,7 @@ def test_checkpoint_of_another_model_shape_is_refused(workdir, reference, tmp_pa
         checkpoint.check_compatible(step5, model)
 
 
+@pytest.mark.slow
 def test_same_seed_and_layout_give_bitwise_identical_curves(workdir, reference):
     for run_id in ("det_a", "det_b"):
         train(workdir, run_id, [*REFERENCE, "trainer.max_steps=6", "parallel.tp=2"], command=[*TORCHRUN, "-m", "train"])

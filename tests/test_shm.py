@@ -34,7 +34,7 @@ def many_reductions(rank, world):
     return results, fallback
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sums_match_and_are_identical_on_every_rank(world):
     outputs = run_processes(world, many_reductions)
     results, fallback = outputs[0]
@@ -69,7 +69,7 @@ def gathers_and_scatters(rank, world, shared_memory):
     return results, {}
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_all_gather_and_reduce_scatter_match_the_process_group(world):
     on_gloo = run_processes(world, gathers_and_scatters, False)
     in_shm = run_processes(world, gathers_and_scatters, True)

@@ -188,6 +188,7 @@ def test_export_takes_the_short_checkpoint_name(workdir, single):
     assert all(torch.equal(t, final.state_dict()[name]) for name, t in exported.state_dict().items())
 
 
+@pytest.mark.slow  # resume=auto under test_long_runs covers the same path
 def test_resume_auto_continues_the_latest_run(workdir):
     shutil.rmtree(workdir / "auto_runs", ignore_errors=True)
     runs = ["trainer.max_steps=10", "trainer.batch_size=8", f"trainer.out_dir={workdir / 'auto_runs'}"]

@@ -26,9 +26,10 @@ from tp_attention.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     SequenceParallelDropout,
-    column_parallel_linear,
+    fused_column_parallel,
 )
 from tp_attention.mappings import gather_from_tp
+from tp_attention.rope import RotaryEmbedding
 from tp_attention.shapes import check_attention, check_seq_len
 
 MASK_HELP = (
@@ -152,6 +153,9 @@ class MultiHeadAttention(nn.Module):
             replicated on tp / num_kv_heads ranks, gradients summed over the replicas).
         causal: mask future positions.
         bias: biases on the Q/K/V and output projections.
+        rope_theta: rotate queries and keys by their positions (RoPE, `tp_attention.rope`) with this
+            base; None for no rotation (positions then come from outside, e.g. learned embeddings).
+        rope_scaling: Llama 3's frequency scaling for RoPE (`tp_attention.rope.check_rope_scaling`).
         tp_group: the tensor-parallel group (a process group or a TPGroup), or None for no parallelism.
         init_std, out_init_std: None for nn.Linear's init; else N(0, std) weights for Q/K/V and
             the output projection (out_init_std defaults to init_std).
@@ -178,6 +182,8 @@ class MultiHeadAttention(nn.Module):
         num_kv_heads: int | None = None,
         causal: bool = True,
         bias: bool = True,
+        rope_theta: float | None = None,
+        rope_scaling: dict | None = None,
         tp_group: Group = None,
         init_std: float | None = None,
         out_init_std: float | None = None,
@@ -210,6 +216,7 @@ class MultiHeadAttention(nn.Module):
             generator=generator,
         )
         self._dropout = SequenceParallelDropout(dropout, tp_group)
+        self.rotary = None if rope_theta is None else RotaryEmbedding(head_size, rope_theta, rope_scaling)
 
     @property
     def _heads(self) -> tuple[HeadView, ...]:
@@ -217,23 +224,22 @@ class MultiHeadAttention(nn.Module):
         return tuple(HeadView(self, i) for i in range(self.local_heads))
 
     def _project(
-        self, x: torch.Tensor, sequence_parallel: bool = False
+        self, x: torch.Tensor, sequence_parallel: bool = False, positions: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Local-head queries `(B, H_local, T, D)` and keys/values `(B, KV_local, T, D)` of all T tokens.
+        """Local-head queries `(B, H_local, T, D)` and keys/values `(B, KV_local, T, D)` of all T tokens,
+        queries and keys rotated to `positions` (`[T]` or `[B, T]`; default `0..T-1`) under RoPE.
 
         Q, K and V are one GEMM over their concatenated local weights, with f fused in: one
         all-reduce of dx in backward, overlapped with the weight-gradient matmul.
         """
-        (wq, bq), (wk, bk), (wv, bv) = self._q.params(), self._k.params(), self._v.params()
-        weight = torch.cat([wq, wk, wv])  # (H_local*D + 2*KV_local*D, E)
-        bias = None if bq is None else torch.cat([bq, bk, bv])
-        qkv = column_parallel_linear(x, weight, bias, self.tp_group, sequence_parallel)  # all T tokens
-        batch, seq_len, _ = qkv.shape
-        q, k, v = qkv.split([wq.size(0), wk.size(0), wv.size(0)], dim=-1)
-        q = q.view(batch, seq_len, self.local_heads, self.head_size)
-        k = k.view(batch, seq_len, self.local_kv_heads, self.head_size)
-        v = v.view(batch, seq_len, self.local_kv_heads, self.head_size)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = fused_column_parallel(x, (self._q, self._k, self._v), sequence_parallel)  # all T tokens
+        batch, seq_len, _ = q.shape
+        q = q.view(batch, seq_len, self.local_heads, self.head_size).transpose(1, 2)
+        k = k.view(batch, seq_len, self.local_kv_heads, self.head_size).transpose(1, 2)
+        v = v.view(batch, seq_len, self.local_kv_heads, self.head_size).transpose(1, 2)
+        if self.rotary is not None:  # per head: no communication
+            q, k = self.rotary(q, k, torch.arange(seq_len, device=x.device) if positions is None else positions)
+        return q, k, v
 
     def _combined_mask(
         self, mask: torch.Tensor | None, batch: int, seq_q: int, seq_k: int, like: torch.Tensor
@@ -269,12 +275,15 @@ class MultiHeadAttention(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         sequence_parallel: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend over `x` `[B, T, E]` (optionally masked, see `normalize_mask`); returns `[B, T, E]`.
 
         With `kv_cache`, `x` holds only the new tokens: they attend to the cached ones and to each
         other, and their keys/values are appended (a mask then has `T_cached + T` keys).
         With `sequence_parallel` (tp > 1), `x` and the result are this rank's `T / tp` tokens.
+        `positions` (RoPE only): the positions of all T tokens, `[T]` or `[B, T]` (left padding); default
+        `T_cached .. T_cached + T - 1`.
         A query row whose every key is masked attends to nothing: its head output is zero.
         """
         check_input(x, self.emb_size, self.max_seq_len, self._q.weight)
@@ -284,14 +293,16 @@ class MultiHeadAttention(nn.Module):
             if kv_cache is not None:
                 raise ValueError("sequence parallel: a KV cache was given; decode without sequence parallelism")
             check_seq_len(x.size(1) * tp, self.max_seq_len, name=f"{x.size(1)} tokens per rank x tp_size {tp}")
-        q, k, v = self._project(x, sequence_parallel)  # (B, H_local, T, D), (B, KV_local, T, D) x2: all tokens
+        if positions is None and kv_cache is not None and self.rotary is not None:
+            positions = torch.arange(kv_cache.length, kv_cache.length + x.size(1), device=x.device)
+        q, k, v = self._project(x, sequence_parallel, positions)  # (B, H_local, T, D), (B, KV_local, T, D) x2
         batch, _, seq_len, _ = q.shape
         if kv_cache is not None:
             if kv_cache.length + seq_len > self.max_seq_len:
                 raise ValueError(
                     f"{kv_cache.length} cached + {seq_len} new tokens exceed max_seq_len = {self.max_seq_len}"
                 )
-            k, v = kv_cache.append(k, v)  # (B, KV_local, T_cached + T, D)
+            k, v = kv_cache.append(k, v)  # (B, KV_local, T_cached + T, D): keys already rotated
         seq_k = k.size(2)
         gqa = self.local_kv_heads != self.local_heads
         if mask is None and (seq_k == seq_len or seq_len == 1 or not self.causal):
@@ -307,16 +318,20 @@ class MultiHeadAttention(nn.Module):
         return self._dropout(y, sequence_parallel)
 
     def get_attention_weights(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, gather: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        gather: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Softmax weights used by `forward` (no dropout): `[B, H_local, T, T]` for this rank's heads.
 
         With `gather=True` every rank gets all `[B, num_heads, T, T]` (a collective: call it on
-        every rank of the group). Fully masked query rows are all zeros.
+        every rank of the group). Fully masked query rows are all zeros. `positions` as for `forward`.
         """
         check_input(x, self.emb_size, self.max_seq_len, self._q.weight)
         batch, seq_len, _ = x.shape
-        q, k, _ = self._project(x)
+        q, k, _ = self._project(x, positions=positions)
         k = k.repeat_interleave(self.local_heads // self.local_kv_heads, dim=1)  # (B, H_local, T, D)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, H_local, T, T)
         attn_mask, has_key = self._combined_mask(mask, batch, seq_len, seq_len, scores)

@@ -59,8 +59,16 @@ def to_nanogpt(state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
 
 
 def from_nanogpt(state: Mapping[str, torch.Tensor], num_heads: int, dropout: float = 0.0) -> tuple[GPTConfig, dict]:
-    """`(GPTConfig, full state dict)` from a nanoGPT state dict (a `_orig_mod.` prefix is dropped)."""
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    """`(GPTConfig, full state dict)` from a nanoGPT state dict (a `_orig_mod.` prefix is dropped).
+
+    The causal-mask buffers some checkpoints carry (`attn.bias`, `attn.masked_bias`) are skipped; an
+    `lm_head.weight` that differs from the token embedding gives an untied model that keeps it.
+    """
+    state = {
+        k.removeprefix("_orig_mod."): v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
+    }
+    head_weight = state.pop("lm_head.weight", None)
+    tied = head_weight is None or torch.equal(head_weight, state["transformer.wte.weight"])
     vocab, emb = state["transformer.wte.weight"].shape
     layers = len({k.split(".")[2] for k in state if k.startswith("transformer.h.")})
     cfg = GPTConfig(
@@ -72,13 +80,14 @@ def from_nanogpt(state: Mapping[str, torch.Tensor], num_heads: int, dropout: flo
         num_layers=layers,
         dropout=dropout,
         bias="transformer.ln_f.bias" in state,
+        tie_embeddings=tied,
     )
-    ours = {}
+    ours = {} if tied else {"_lm_head.weight": head_weight}
     top = {v: k for k, v in _TOP.items()}
     block = {v: k for k, v in _BLOCK.items()}
     for name, tensor in state.items():
         head, _, leaf = name.rpartition(".")
-        if head in top:  # lm_head.weight is the tied wte.weight: not stored twice
+        if head in top:
             ours[f"{top[head]}.{leaf}"] = tensor
         elif head.startswith("transformer.h."):
             _, _, layer, inner = head.split(".", 3)

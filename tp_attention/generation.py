@@ -36,8 +36,12 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append up to `max_new_tokens` tokens to `idx` `[B, T]`; returns `[B, T + n]`.
+
+    A batch of prompts of different lengths is left-padded, with `attention_mask` `[B, T]` (1 = token,
+    0 = padding; Hugging Face's convention): each row then continues as if generated alone.
 
     Greedy when `do_sample=False` or `temperature == 0`; otherwise samples from the softmax of
     `logits / temperature`, restricted by `top_k` / `top_p`. With tp > 1 the token drawn on TP
@@ -49,10 +53,12 @@ def generate(
 
     Raises:
         ValueError: empty `idx`, negative `max_new_tokens` or `temperature`, `top_k <= 0`,
-            `top_p` outside (0, 1].
+            `top_p` outside (0, 1], an `attention_mask` of another shape than `idx`.
     """
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.numel() == 0:
         raise ValueError(f"idx must be a non-empty [batch, seq_len] tensor, got {getattr(idx, 'shape', idx)!r}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(idx.shape):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal idx shape {tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -68,15 +74,16 @@ def generate(
     model.eval()
     caches = None
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    mask = torch.ones_like(idx) if attention_mask is None else attention_mask.to(device=idx.device, dtype=torch.long)
     try:
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = model.next_token_logits(idx[:, -window:])
+                logits = model.next_token_logits(idx[:, -window:], attention_mask=mask[:, -window:])
             elif caches is None or caches[0].length >= window:
                 caches = model.new_kv_caches()  # (re)encode the whole window
-                logits = model.next_token_logits(idx[:, -window:], caches)
-            else:
-                logits = model.next_token_logits(idx[:, -1:], caches)  # one new position
+                logits = model.next_token_logits(idx[:, -window:], caches, mask[:, -window:])
+            else:  # one new position; the mask covers the cached ones too
+                logits = model.next_token_logits(idx[:, -1:], caches, mask[:, -caches[0].length - 1 :])
             logits = logits.float()  # (B, V)
             if greedy:
                 token = logits.argmax(dim=-1)
@@ -90,6 +97,7 @@ def generate(
                 token = token.masked_fill(finished, eos_token_id)
                 finished |= token == eos_token_id
             idx = torch.cat([idx, token[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
             if streamer is not None:
                 streamer(token)
             if eos_token_id is not None and finished.all():

@@ -12,6 +12,7 @@ and scatter full tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -257,6 +258,23 @@ class ColumnParallelLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, num_shards={shards}, tp_size={tp_size(self.tp_group)}"
         )
+
+
+def fused_column_parallel(
+    x: torch.Tensor, layers: Sequence[ColumnParallelLinear], sequence_parallel: bool = False
+) -> list[torch.Tensor]:
+    """Each layer's output for the same input `x`, computed as one GEMM over their concatenated local
+    weights (Q/K/V; SwiGLU's gate and up): f, or sequence parallelism's all-gather, happens once, and
+    backward does one all-reduce of dx, overlapped with the weight-gradient matmul. The layers share one
+    TP group and either all have a bias or none has.
+
+    Shapes: x `[B, T, in]` (`[B, T / tp, in]` with `sequence_parallel`) -> `[B, T, out_i / shards_i]` each.
+    """
+    params = [layer.params() for layer in layers]  # through the replica gradient sum where there is one
+    weight = torch.cat([w for w, _ in params])  # (sum of local outs, in)
+    bias = None if params[0][1] is None else torch.cat([b for _, b in params])
+    y = column_parallel_linear(x, weight, bias, layers[0].tp_group, sequence_parallel)
+    return list(y.split([w.size(0) for w, _ in params], dim=-1))
 
 
 class RowParallelLinear(nn.Module):

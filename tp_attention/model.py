@@ -27,9 +27,14 @@ from torch import nn
 
 from tp_attention.attention import KVCache, MultiHeadAttention
 from tp_attention.distributed import Group, check_group, tp_rank, tp_size
-from tp_attention.layers import ColumnParallelLinear, RowParallelLinear, SequenceParallelDropout
-from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel
-from tp_attention.state_dict import full_shapes, full_state_dict, load_full_state_dict
+from tp_attention.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    SequenceParallelDropout,
+    fused_column_parallel,
+)
+from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel, mlp_hidden_size
+from tp_attention.state_dict import full_shapes, full_state_dict
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT
@@ -37,7 +42,17 @@ INIT_STD = 0.02  # GPT-2 / nanoGPT
 
 @dataclass
 class GPTConfig:
-    """Shape and options of a GPT. Defaults are a tiny byte-level model."""
+    """Shape and options of a GPT. Defaults are a tiny byte-level GPT-2-style model.
+
+    Architecture options (GPT-2: the defaults with `activation="gelu_tanh"`; Llama: `norm="rmsnorm"`,
+    `activation="swiglu"`, `position="rope"`, `bias=False`, `tie_embeddings=False`):
+        norm: "layernorm" | "rmsnorm", with `norm_eps`.
+        activation: "gelu" (exact) | "gelu_tanh" (GPT-2's gelu_new) | "swiglu" (gate and up projections).
+        intermediate_size: the MLP's hidden width; None: `ffn_mult * emb_size` (SwiGLU: Llama's rounding,
+            see `tp_attention.shapes.mlp_hidden_size`).
+        position: "learned" (absolute embeddings) | "rope" (`rope_theta`, `rope_scaling`: Llama 3's).
+        bias: biases in the norms and, unless `attention_bias` / `mlp_bias` say otherwise, the projections.
+    """
 
     vocab_size: int = 256
     max_seq_len: int = 128
@@ -50,9 +65,37 @@ class GPTConfig:
     bias: bool = True
     tie_embeddings: bool = True
     ffn_mult: int = 4
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    intermediate_size: int | None = None
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
 
     def __post_init__(self) -> None:
         check_gpt(self)  # the rules that do not depend on tp; GPT checks the rest with its group
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLP's hidden width (`intermediate_size`, or what `ffn_mult` gives)."""
+        return mlp_hidden_size(self)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def attn_bias(self) -> bool:
+        """Biases on Q/K/V and the attention output projection."""
+        return self.bias if self.attention_bias is None else self.attention_bias
+
+    @property
+    def ffn_bias(self) -> bool:
+        """Biases on the MLP's projections."""
+        return self.bias if self.mlp_bias is None else self.mlp_bias
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> GPTConfig:
@@ -64,19 +107,28 @@ class GPTConfig:
         return cls(**dict(values))
 
 
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    """The block's normalisation: LayerNorm (bias per `cfg.bias`) or RMSNorm, with `cfg.norm_eps`."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.emb_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.emb_size, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class FeedForward(nn.Module):
-    """GELU MLP: column-parallel up-projection, row-parallel down-projection, dropout."""
+    """MLP: column-parallel up-projection (SwiGLU: gate and up, one fused GEMM), the activation on this
+    rank's hidden columns, row-parallel down-projection, dropout."""
 
     def __init__(self, cfg: GPTConfig, tp_group: Group, generator: torch.Generator | None) -> None:
         super().__init__()
-        hidden = cfg.ffn_mult * cfg.emb_size
-        self._up = ColumnParallelLinear(
-            cfg.emb_size, hidden, cfg.bias, tp_group=tp_group, init_std=INIT_STD, generator=generator
-        )
+        hidden, self.activation = cfg.hidden_size, cfg.activation
+        column = dict(bias=cfg.ffn_bias, tp_group=tp_group, init_std=INIT_STD, generator=generator)
+        if cfg.activation == "swiglu":
+            self._gate = ColumnParallelLinear(cfg.emb_size, hidden, **column)
+        self._up = ColumnParallelLinear(cfg.emb_size, hidden, **column)
         self._down = RowParallelLinear(
             hidden,
             cfg.emb_size,
-            cfg.bias,
+            cfg.ffn_bias,
             tp_group=tp_group,
             input_is_parallel=True,
             init_std=INIT_STD / math.sqrt(2 * cfg.num_layers),
@@ -85,16 +137,21 @@ class FeedForward(nn.Module):
         self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
-        hidden = F.gelu(self._up(x, sequence_parallel))  # (B, T, ffn * E / tp): f (or all-gather) before
+        if self.activation == "swiglu":  # f (or all-gather) once for both projections
+            gate, up = fused_column_parallel(x, (self._gate, self._up), sequence_parallel)  # (B, T, H / tp) x2
+            hidden = F.silu(gate) * up
+        else:
+            approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+            hidden = F.gelu(self._up(x, sequence_parallel), approximate=approximate)  # (B, T, H / tp)
         return self._dropout(self._down(hidden, sequence_parallel), sequence_parallel)  # (B, T[/tp], E): g
 
 
 class Decoder(nn.Module):
-    """Pre-LayerNorm transformer block: `h + attn(ln(h))`, then `h + mlp(ln(h))`."""
+    """Pre-norm transformer block: `h + attn(norm(h))`, then `h + mlp(norm(h))`."""
 
     def __init__(self, cfg: GPTConfig, tp_group: Group, generator: torch.Generator | None) -> None:
         super().__init__()
-        self._norm1 = nn.LayerNorm(cfg.emb_size, bias=cfg.bias)
+        self._norm1 = make_norm(cfg)
         self._heads = MultiHeadAttention(
             cfg.num_heads,
             cfg.emb_size,
@@ -102,19 +159,29 @@ class Decoder(nn.Module):
             cfg.max_seq_len,
             cfg.dropout,
             num_kv_heads=cfg.num_kv_heads,
-            bias=cfg.bias,
+            bias=cfg.attn_bias,
+            rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+            rope_scaling=cfg.rope_scaling,
             tp_group=tp_group,
             init_std=INIT_STD,
             out_init_std=INIT_STD / math.sqrt(2 * cfg.num_layers),
             generator=generator,
         )
-        self._norm2 = nn.LayerNorm(cfg.emb_size, bias=cfg.bias)
+        self._norm2 = make_norm(cfg)
         self._ff = FeedForward(cfg, tp_group, generator)
 
     def forward(
-        self, h: torch.Tensor, kv_cache: KVCache | None = None, sequence_parallel: bool = False
+        self,
+        h: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        sequence_parallel: bool = False,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attn = self._heads(self._norm1(h), kv_cache=kv_cache, sequence_parallel=sequence_parallel)
+        """`h` `[B, T[/tp], E]`; `mask` and `positions` (RoPE) as for `MultiHeadAttention.forward`."""
+        attn = self._heads(
+            self._norm1(h), mask, kv_cache=kv_cache, sequence_parallel=sequence_parallel, positions=positions
+        )
         h = h + attn  # all-reduce 1 (forward), 1 (backward)
         return h + self._ff(self._norm2(h), sequence_parallel)  # all-reduce 2 (forward), 2 (backward)
 
@@ -123,9 +190,10 @@ class GPT(nn.Module):
     """GPT whose attention heads, MLP columns and vocabulary are split over `tp_group`.
 
     The seed project's signature: `GPT(vocab_size, max_seq_len, emb_size, num_heads, head_size,
-    num_layers, dropout=0.1, **options)` with options `num_kv_heads`, `bias`, `tie_embeddings`,
-    `ffn_mult` (see GPTConfig), plus `tp_group`, `generator` (RNG for the full weights; one
-    seed gives the same logical model at every tp) and `sequence_parallel`.
+    num_layers, dropout=0.1, **options)` with options the other GPTConfig fields (`num_kv_heads`, `bias`,
+    `tie_embeddings`, `norm`, `activation`, `position`, ...), plus `tp_group`, `generator` (RNG for the
+    full weights; one seed gives the same logical model at every tp) and `sequence_parallel`.
+    `GPT.from_pretrained` / `save_pretrained` read and write Hugging Face GPT-2 and Llama directories.
 
     `sequence_parallel` (Korthikanti et al.; tp > 1): in training forwards, LayerNorms, dropout and
     residual adds run on `T / tp` tokens per rank; all-gather enters and reduce-scatter leaves each
@@ -170,11 +238,13 @@ class GPT(nn.Module):
         self._token_embeddings = VocabParallelEmbedding(
             cfg.vocab_size, cfg.emb_size, tp_group=tp_group, init_std=INIT_STD, generator=generator
         )
-        self._position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.emb_size)
-        nn.init.normal_(self._position_embeddings.weight, 0.0, INIT_STD, generator=generator)
+        self._position_embeddings = None
+        if cfg.position == "learned":
+            self._position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.emb_size)
+            nn.init.normal_(self._position_embeddings.weight, 0.0, INIT_STD, generator=generator)
         self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
         self._decoders = nn.ModuleList(Decoder(cfg, tp_group, generator) for _ in range(cfg.num_layers))
-        self._norm = nn.LayerNorm(cfg.emb_size, bias=cfg.bias)
+        self._norm = make_norm(cfg)
         self._lm_head = (
             None
             if cfg.tie_embeddings
@@ -213,24 +283,51 @@ class GPT(nn.Module):
             value = ids[bad][0].item()
             raise ValueError(f"{what} holds id {value} outside the vocabulary [0, {self.config.vocab_size})")
 
+    @torch.compiler.disable  # a data-dependent check: eager under torch.compile
+    def _padding(
+        self, idx: torch.Tensor, start: int, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`(key mask (B, 1, 1, start + T), positions [B, T])` for `idx` after `start` cached tokens; a
+        mask of all ones gives `(None, positions [T])`, the unmasked path. Positions count per sequence as
+        Hugging Face does for left padding: `cumsum(mask) - 1` (pads get position 1 and attend to nothing)."""
+        keys = start + idx.size(1)
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (idx.size(0), keys):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(f"attention_mask must be [batch, cached + seq_len] = [{idx.size(0)}, {keys}], got {shape}")
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("attention_mask must hold 1 (token) or 0 (padding) only")
+        if attention_mask.all():
+            return None, torch.arange(start, keys, device=idx.device)
+        keep = attention_mask.to(device=idx.device, dtype=torch.long)
+        positions = (keep.cumsum(-1) - 1).masked_fill(keep == 0, 1)[:, start:]  # (B, T)
+        return keep.bool()[:, None, None, :], positions
+
     def _hidden(
-        self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None, sequence_parallel: bool = False
+        self,
+        idx: torch.Tensor,
+        kv_caches: list[KVCache] | None = None,
+        sequence_parallel: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-LayerNorm hidden states `[B, T, E]` (replicated on every TP rank), or this rank's
+        """Final-norm hidden states `[B, T, E]` (replicated on every TP rank), or this rank's
         tokens `[B, T / tp, E]` with `sequence_parallel`."""
         self._check_ids(idx, "idx")
         start = kv_caches[0].length if kv_caches else 0
         check_seq_len(start + idx.size(1), self.config.max_seq_len)
-        positions = torch.arange(start, start + idx.size(1), device=idx.device)
+        mask, positions = None, torch.arange(start, start + idx.size(1), device=idx.device)  # all T tokens
+        if attention_mask is not None:
+            mask, positions = self._padding(idx, start, attention_mask)
         tp = tp_size(self.tp_group)
         sequence_parallel = sequence_parallel and tp > 1
         if sequence_parallel:  # this rank's tokens from here to the LM head
             check_sequence_parallel(idx.size(1), tp)
-            positions = positions.chunk(tp)[tp_rank(self.tp_group)]
-        h = self._token_embeddings(idx, sequence_parallel) + self._position_embeddings(positions)  # (B, T[/tp], E)
+        h = self._token_embeddings(idx, sequence_parallel)  # (B, T[/tp], E)
+        if self._position_embeddings is not None:
+            mine = positions.chunk(tp, dim=-1)[tp_rank(self.tp_group)] if sequence_parallel else positions
+            h = h + self._position_embeddings(mine)
         h = self._dropout(h, sequence_parallel)
         for i, block in enumerate(self._decoders):
-            h = block(h, None if kv_caches is None else kv_caches[i], sequence_parallel)
+            h = block(h, None if kv_caches is None else kv_caches[i], sequence_parallel, mask, positions)
         return self._norm(h)
 
     def forward(
@@ -238,6 +335,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
+        attention_mask: torch.Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
         ignore_index: int = -100,
     ) -> torch.Tensor:
@@ -246,15 +344,25 @@ class GPT(nn.Module):
         With `targets` `[B, T]`: the mean next-token cross-entropy, computed from vocab-sharded
         logits (the full logits are never built); targets equal to `ignore_index` are skipped. Only this
         training forward uses sequence parallelism (when the model was built with it).
+
+        `attention_mask` `[B, T_cached + T]` (1 = token, 0 = padding, Hugging Face's convention): padded
+        keys are never attended to, positions count per sequence (left padding), and the loss skips the
+        positions whose token is padding.
+
+        Raises:
+            TypeError / ValueError: ids that are not integers in the vocabulary, mismatched shapes, or a
+                mask that is not 0/1 of shape `[B, T_cached + T]`.
         """
         head = self.output_embeddings
         if targets is None:
-            return head.gather_logits(head.logits(self._hidden(idx, kv_caches)))
+            return head.gather_logits(head.logits(self._hidden(idx, kv_caches, attention_mask=attention_mask)))
         self._check_ids(targets, "targets", allowed_extra=ignore_index)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        if attention_mask is not None:
+            targets = targets.masked_fill(attention_mask[:, -idx.size(1) :] == 0, ignore_index)
         sequence_parallel = self.sequence_parallel and kv_caches is None
-        hidden = self._hidden(idx, kv_caches, sequence_parallel)
+        hidden = self._hidden(idx, kv_caches, sequence_parallel, attention_mask)
         local_logits = head.logits(hidden, sequence_parallel)  # (B, T, V_local)
         return vocab_parallel_cross_entropy(local_logits, targets, head.vocab_start, ignore_index, self.tp_group)
 
@@ -262,10 +370,16 @@ class GPT(nn.Module):
         """Empty per-layer KV caches (this rank's heads only) for incremental decoding."""
         return [KVCache(self.config.max_seq_len) for _ in self._decoders]
 
-    def next_token_logits(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+    def next_token_logits(
+        self,
+        idx: torch.Tensor,
+        kv_caches: list[KVCache] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Full logits `[B, vocab_size]` of the last position only (without sequence parallelism)."""
         head = self.output_embeddings
-        return head.gather_logits(head.logits(self._hidden(idx, kv_caches)[:, -1:]))[:, 0]
+        hidden = self._hidden(idx, kv_caches, attention_mask=attention_mask)
+        return head.gather_logits(head.logits(hidden[:, -1:]))[:, 0]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Continue `idx`; see `tp_attention.generation.generate` for the options."""
@@ -277,8 +391,9 @@ class GPT(nn.Module):
     def attention_maps(self, idx: torch.Tensor, gather: bool = True) -> torch.Tensor:
         """Every layer's attention weights `[L, B, H, T, T]` (all heads if `gather`, a collective)."""
         self._check_ids(idx, "idx")
-        positions = torch.arange(idx.size(1), device=idx.device)
-        h = self._token_embeddings(idx) + self._position_embeddings(positions)
+        h = self._token_embeddings(idx)
+        if self._position_embeddings is not None:
+            h = h + self._position_embeddings(torch.arange(idx.size(1), device=idx.device))
         maps = []
         for block in self._decoders:
             maps.append(block._heads.get_attention_weights(block._norm1(h), gather=gather))
@@ -326,12 +441,48 @@ class GPT(nn.Module):
                     "GPT.save (which stores one)"
                 )
             config = GPTConfig.from_mapping(json.loads(saved))
-            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        model = cls.from_config(config, tp_group=tp_group, generator=torch.Generator())
-        load_full_state_dict(model, state)
+        from tp_attention.hf import load_weights
+
+        with torch.device("meta"):
+            model = cls.from_config(config, tp_group=tp_group)
+        load_weights(model, file)  # each rank reads only its slices
         return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        tp_group: Group = None,
+        *,
+        sequence_parallel: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> GPT:
+        """A Hugging Face `GPT2LMHeadModel` or `LlamaForCausalLM` directory (config.json + model.safetensors
+        or a sharded index), at any tp. Each rank reads only its slices: peak memory is about its shard.
+
+        Raises:
+            FileNotFoundError: no config.json or weights at `path`.
+            ValueError: an unsupported model type or config field (named), or tensors that do not fit.
+        """
+        from tp_attention.hf import load_pretrained
+
+        return load_pretrained(cls, Path(path), tp_group, sequence_parallel=sequence_parallel, dtype=dtype)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:
+        """Write a Hugging Face directory (GPT-2 or Llama layout, per the config) that
+        `transformers.AutoModelForCausalLM.from_pretrained` loads. A collective: call on every rank;
+        global rank 0 writes, holding at most one file's tensors (`max_shard_bytes`) at a time.
+
+        Raises:
+            ValueError: the config fits neither layout (the fields in the way named).
+        """
+        from tp_attention.hf import save_pretrained
+
+        return save_pretrained(self, Path(path), max_shard_bytes)
 
     def num_parameters(self, exclude_position_embeddings: bool = True) -> int:
         """Logical (unsharded) parameter count; nanoGPT's count leaves out the position embedding."""
         n = sum(math.prod(shape) for shape in full_shapes(self).values())
-        return n - self._position_embeddings.weight.numel() if exclude_position_embeddings else n
+        if exclude_position_embeddings and self._position_embeddings is not None:
+            n -= self._position_embeddings.weight.numel()
+        return n

@@ -77,6 +77,30 @@ def check_attention(
     check_heads(num_heads, num_kv_heads, tp, prefix=prefix, tp_name=tp_name)
 
 
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+POSITIONS = ("learned", "rope")
+SWIGLU_MULTIPLE_OF = 256  # Llama rounds its SwiGLU hidden size up to a multiple of this
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def mlp_hidden_size(cfg: Any) -> int:
+    """The MLP's hidden width: `intermediate_size` when set; else `ffn_mult * emb_size`, or for SwiGLU
+    Llama's rule, `2/3` of that rounded up to a multiple of 256 (the same parameter count as a 4x GELU MLP)."""
+    if cfg.intermediate_size is not None:
+        return cfg.intermediate_size
+    hidden = cfg.ffn_mult * cfg.emb_size
+    if cfg.activation != "swiglu":
+        return hidden
+    return -(-int(2 * hidden / 3) // SWIGLU_MULTIPLE_OF) * SWIGLU_MULTIPLE_OF
+
+
 def check_gpt(
     cfg: Any, tp: int = 1, *, prefix: str = "", tp_name: str = "tp_size", vocab_size_optional: bool = False
 ) -> None:
@@ -88,6 +112,25 @@ def check_gpt(
         check_int(cfg.vocab_size, f"{prefix}vocab_size")
     check_int(cfg.num_layers, f"{prefix}num_layers")
     check_int(cfg.ffn_mult, f"{prefix}ffn_mult")
+    check_choice(cfg.norm, f"{prefix}norm", NORMS)
+    check_choice(cfg.activation, f"{prefix}activation", ACTIVATIONS)
+    check_choice(cfg.position, f"{prefix}position", POSITIONS)
+    check_number(cfg.norm_eps, f"{prefix}norm_eps", 0.0, 1.0, low_open=True)
+    check_number(cfg.rope_theta, f"{prefix}rope_theta", 0.0, math.inf, low_open=True)
+    if cfg.intermediate_size is not None:
+        check_int(cfg.intermediate_size, f"{prefix}intermediate_size")
+    for name in ("bias", "tie_embeddings", "attention_bias", "mlp_bias"):
+        value = getattr(cfg, name)
+        if not isinstance(value, bool) and not (value is None and name in ("attention_bias", "mlp_bias")):
+            raise TypeError(f"{prefix}{name} must be true or false, got {value!r}")
+    if cfg.position == "rope":
+        if cfg.head_size % 2:
+            raise ValueError(f"{prefix}head_size = {cfg.head_size} must be even with {prefix}position = 'rope'")
+        from tp_attention.rope import check_rope_scaling
+
+        check_rope_scaling(cfg.rope_scaling, f"{prefix}rope_scaling")
+    elif cfg.rope_scaling is not None:
+        raise ValueError(f"{prefix}rope_scaling is set but {prefix}position = {cfg.position!r} (it needs 'rope')")
     check_attention(
         cfg.num_heads,
         cfg.emb_size,
@@ -99,7 +142,12 @@ def check_gpt(
         prefix=prefix,
         tp_name=tp_name,
     )
-    check_divisible(cfg.ffn_mult * cfg.emb_size, f"{prefix}ffn_mult * {prefix}emb_size", tp, tp_name)
+    hidden_name = f"{prefix}ffn_mult * {prefix}emb_size"
+    if cfg.intermediate_size is not None:
+        hidden_name = f"{prefix}intermediate_size"
+    elif cfg.activation == "swiglu":
+        hidden_name = f"the SwiGLU hidden size from {hidden_name}"
+    check_divisible(mlp_hidden_size(cfg), hidden_name, tp, tp_name)
 
 
 def check_seq_len(seq_len: int, max_seq_len: int, *, name: str = "seq_len", max_name: str = "max_seq_len") -> None:

@@ -49,7 +49,19 @@ MODEL_HELP = {
     "num_kv_heads": "key/value heads (GQA; 1 = MQA); null: num_heads",
     "bias": "biases in the linear layers and LayerNorms",
     "tie_embeddings": "the LM head reuses the token embedding",
-    "ffn_mult": "MLP hidden size = ffn_mult * emb_size",
+    "ffn_mult": "MLP hidden size = ffn_mult * emb_size (unless intermediate_size is set)",
+    "norm": "layernorm | rmsnorm",
+    "norm_eps": "epsilon of the norms",
+    "activation": "gelu (exact) | gelu_tanh (GPT-2's gelu_new) | swiglu (Llama: gate and up projections)",
+    "intermediate_size": "MLP hidden size; null: ffn_mult * emb_size (swiglu: 2/3 of it, rounded up to 256)",
+    "position": "learned (absolute embeddings) | rope (rotary, per head)",
+    "rope_theta": "rope: base of the rotary frequencies",
+    "rope_scaling": "rope: null, or Llama 3's {rope_type: llama3, factor, low_freq_factor, high_freq_factor, "
+    "original_max_position_embeddings}",
+    "attention_bias": "biases on Q/K/V and the attention output; null: model.bias",
+    "mlp_bias": "biases on the MLP projections; null: model.bias",
+    "init_from": "start from this Hugging Face directory (GPT-2, Llama) or export: its shape and weights "
+    "(and tokenizer.json); only dropout may differ",
 }
 
 
@@ -59,6 +71,7 @@ class ModelConfig(GPTConfig):
 
     vocab_size: int | None = None
     dropout: float = 0.0
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         """GPTConfig's rules, named as in the config; vocab_size None means the tokenizer's."""
@@ -75,6 +88,9 @@ class DataConfig:
     hf_text_field: str = opt("text", "hf: the column that holds the text")
     tokenizer: str = opt("byte", "byte (256 ids, nothing to train) | bpe (trained on the corpus)")
     bpe_vocab_size: int = opt(2048, "bpe: vocabulary size to learn (> 256)")
+    tokenizer_file: str | None = opt(
+        None, "a tokenizer.json to use instead of training one (set from model.init_from's directory)"
+    )
     val_fraction: float = opt(0.05, "share of the corpus held out for validation, in (0, 1)")
     max_bytes: int = opt(0, "read at most this many bytes of the corpus; 0: all of it")
     cache_dir: str | None = opt(
@@ -306,6 +322,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("data.path must name a file or directory when data.source = 'text'")
     if d.source == "hf" and not d.hf_name:
         raise ConfigError("data.hf_name must name a dataset when data.source = 'hf'")
+    if d.tokenizer_file and not Path(d.tokenizer_file).expanduser().is_file():
+        raise ConfigError(f"data.tokenizer_file = {d.tokenizer_file!r} is not a file")
     if d.tokenizer == "bpe" and d.bpe_vocab_size <= 256:
         raise ConfigError(f"data.bpe_vocab_size = {d.bpe_vocab_size} must exceed 256 (the byte alphabet)")
     _as_config_error(check_seq_len, t.seq_len, m.max_seq_len, name="trainer.seq_len", max_name="model.max_seq_len")

@@ -102,6 +102,8 @@ def cache_key(cfg: DataConfig) -> str:
             "max_bytes",
         )
     }
+    if cfg.tokenizer_file:
+        parts["tokenizer_file"] = hashlib.sha256(Path(cfg.tokenizer_file).expanduser().read_bytes()).hexdigest()
     if cfg.source != "hf":
         files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
         parts["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -126,7 +128,9 @@ def build_token_files(cfg: DataConfig, directory: Path) -> None:
     docs = list(documents(cfg))
     if not docs or not any(data.strip() for _, data in docs):
         raise ConfigError(f"the {cfg.source} corpus is empty (data.path = {cfg.path!r})")
-    if cfg.tokenizer == "bpe":
+    if cfg.tokenizer_file:
+        tokenizer = BPETokenizer.load(Path(cfg.tokenizer_file).expanduser())
+    elif cfg.tokenizer == "bpe":
         tokenizer = BPETokenizer.train((d.decode("utf-8", errors="replace") for _, d in docs), cfg.bpe_vocab_size)
         if tokenizer.vocab_size <= 256:
             raise ConfigError(
@@ -162,7 +166,7 @@ def build_token_files(cfg: DataConfig, directory: Path) -> None:
         "val_tokens": len(val),
         "documents": len(docs),
         "bytes": sum(len(d) for _, d in docs),
-        "tokenizer": cfg.tokenizer,
+        "tokenizer": cfg.tokenizer_file or cfg.tokenizer,
         "vocab_size": tokenizer.vocab_size,
     }
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -189,7 +193,7 @@ def prepare_data(cfg: DataConfig, is_main: bool, barrier: Callable[[], None], se
         ConfigError: a missing or empty corpus, or a split shorter than one `seq_len + 1` window.
     """
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
-    directory = root / f"{cfg.source}-{cfg.tokenizer}-{cache_key(cfg)}"
+    directory = root / f"{cfg.source}-{'file' if cfg.tokenizer_file else cfg.tokenizer}-{cache_key(cfg)}"
     error = None
     if is_main and not (directory / "meta.json").is_file():
         tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")

@@ -3,6 +3,7 @@
     run dir      its newest intact checkpoint (or its export/ when it has no checkpoint)
     checkpoint   `<run>/checkpoints/step_N` (or `step_0000000N`)
     export       a directory (or file) written by `GPT.save`: model.safetensors + config.json
+    Hugging Face a GPT-2 or Llama directory (`GPT.from_pretrained`)
 
 The tokenizer is the one saved beside it (`tokenizer.json`, BPE), else bytes; the training config, when
 there is one, comes along (the run's validation split is described by it).
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 from torch.distributed.device_mesh import DeviceMesh
 
 from tp_attention.distributed import Group, ParallelGroups, default_device_type, init_parallel_groups
+from tp_attention.hf import is_hf_directory
 from tp_attention.model import GPT, GPTConfig
 from train import checkpoint
 from train.config import ConfigError
@@ -50,6 +52,12 @@ def load_source(path: str | Path, tp_group: Group = None, mesh: DeviceMesh | Non
         ConfigError: nothing loadable at `path`, or a checkpoint is refused.
     """
     path = checkpoint.normalize_path(Path(path).expanduser())
+    if is_hf_directory(path):
+        try:
+            model = GPT.from_pretrained(path, tp_group)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+        return Source(model, load_tokenizer(path), None, None, None)
     export = path if path.suffix == ".safetensors" else path / "model.safetensors"
     if export.is_file():
         model = GPT.load(export, tp_group=tp_group)

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.flops import flops_per_token
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
+from tp_attention.hf import load_weights
 from tp_attention.model import GPT, GPTConfig
 from train import checkpoint, faults
 from train.config import ConfigError, TrainConfig, batch_layout
@@ -193,7 +194,8 @@ class Trainer:
         vocab = m.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
-        self.model_config = GPTConfig(**{**asdict(m), "vocab_size": vocab})
+        shape = {k: v for k, v in asdict(m).items() if k != "init_from"}
+        self.model_config = GPTConfig(**{**shape, "vocab_size": vocab})
         check_activation_memory(self.model_config, self.micro_batch, t.seq_len, self.conf.parallel.tp, self.device)
         log.info(
             "data %s: %d train / %d val tokens, vocab %d",
@@ -207,12 +209,18 @@ class Trainer:
         )
 
     def _setup_model(self) -> None:
-        """The model (one seed: the same full weights on every rank, whatever the layout), DDP, AdamW."""
-        o, p = self.conf.optim, self.conf.parallel
+        """The model (one seed: the same full weights on every rank, whatever the layout; or
+        `model.init_from`'s, each rank reading its slices), DDP, AdamW."""
+        o, p, init_from = self.conf.optim, self.conf.parallel, self.conf.model.init_from
         torch.manual_seed(self.conf.trainer.seed)
-        self.model = GPT.from_config(
-            self.model_config, tp_group=self.tp_group, sequence_parallel=p.sequence_parallel
-        ).to(self.device)
+        with torch.device("meta" if init_from else "cpu"):
+            self.model = GPT.from_config(
+                self.model_config, tp_group=self.tp_group, sequence_parallel=p.sequence_parallel
+            )
+        if init_from:
+            load_weights(self.model, Path(init_from).expanduser())
+            log.info("weights from %s", init_from)
+        self.model.to(self.device)
         self.wrapped = (
             DistributedDataParallel(self.model, process_group=self.dp_group)
             if self.dp_group is not None

@@ -1,0 +1,56 @@
+"""Convert a model between our formats and Hugging Face's, in one process.
+
+    python -m train.convert SOURCE OUT --to hf        a directory transformers loads (GPT-2 or Llama layout)
+    python -m train.convert SOURCE OUT --to export    our GPT.save format (what train.sample etc. read)
+    (also: tp-convert)
+
+SOURCE is anything `train.sample` reads: a Hugging Face directory, an export, a checkpoint
+(`<run>/checkpoints/step_N`) or a run directory (its newest intact checkpoint). The tokenizer
+(`tokenizer.json`) comes along. A Hugging Face directory can be written only for a model that fits
+one of its layouts; otherwise the error names the fields in the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from train.config import ConfigError
+from train.sources import load_source
+
+FORMATS = ("hf", "export")
+
+
+def convert(source: Path, out: Path, to: str) -> Path:
+    """Write the model at `source` to `out` in format `to` (`hf` | `export`); returns `out`.
+
+    Raises:
+        ConfigError: nothing loadable at `source`, an unknown `to`, or a model no Hugging Face layout fits.
+    """
+    if to not in FORMATS:
+        raise ConfigError(f"--to {to!r} must be one of {', '.join(FORMATS)}")
+    loaded = load_source(source)
+    try:
+        loaded.model.save_pretrained(out) if to == "hf" else loaded.model.save(out)
+    except ValueError as e:
+        raise ConfigError(f"cannot write {source} as a Hugging Face directory: {e}") from None
+    loaded.tokenizer.save(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--to", required=True, choices=FORMATS, help="hf: Hugging Face; export: GPT.save")
+    args = parser.parse_args()
+    try:
+        print(f"wrote {convert(args.source, args.out, args.to)}")
+    except ConfigError as e:
+        print(f"convert error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
