@@ -63,6 +63,7 @@ class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.start, self.stages = args, time.monotonic(), {}
         self.device = "cpu" if args.dry_run else "cuda"
+        self.out = args.out or (ROOT / "outputs" / "gpu_dry_run" if args.dry_run else ROOT / "bench" / "results")
         self.compile_backend = "aot_eager" if args.dry_run else "inductor"  # the dry run checks plumbing, not codegen
 
     def left_s(self) -> float:
@@ -80,6 +81,24 @@ class Check:
             self.stages[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"[-4000:]}
         self.stages[name]["seconds"] = round(time.monotonic() - began, 1)
         print(f"[gpu check] {name}: {self.stages[name]['status']} ({self.stages[name]['seconds']} s)", flush=True)
+        self.write()  # after every stage: a run cut short keeps what it measured
+
+    def write(self) -> dict[str, Any]:
+        """gpu.json and gpu.md as they stand; returns the result."""
+        result = {
+            "command": "python -m bench.gpu" + (" --dry-run" if self.args.dry_run else ""),
+            "date": datetime.date.today().isoformat(),
+            "dry_run": self.args.dry_run,
+            "stages": self.stages,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (self.out / "gpu.md").write_text(markdown(result))
+        return result
+
+    def timeout_s(self, most: float = 300.0) -> float:
+        """A subprocess's timeout: at most `most`, and never past the budget (a minute's grace)."""
+        return max(30.0, min(most, self.left_s() + 60.0))
 
 
 def run(command: list[str], timeout_s: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -113,7 +132,7 @@ def environment(check: Check) -> dict[str, Any]:
 def tests(check: Check) -> dict[str, Any]:
     done = run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_device.py"],
-        timeout_s=max(60.0, min(240.0, check.left_s())),
+        timeout_s=check.timeout_s(240.0),
         env={"TP_TEST_DEVICE": check.device, "OMP_NUM_THREADS": "1"},
     )
     return {"summary": done.stdout.strip().splitlines()[-1]}
@@ -148,7 +167,7 @@ def train(check: Check) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for compiled in (False, True):
             overrides = _train_overrides(check, Path(tmp), compiled)
-            run([sys.executable, "-m", "train", *overrides], timeout_s=300)
+            run([sys.executable, "-m", "train", *overrides], timeout_s=check.timeout_s())
             (run_dir,) = Path(tmp).glob(f"{'compiled' if compiled else 'eager'}-*")
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             steady = [r["tokens_per_s"] for r in records[1:] if "tokens_per_s" in r] or [records[-1]["tokens_per_s"]]
@@ -159,7 +178,7 @@ def train(check: Check) -> dict[str, Any]:
             }
         resumed = run(
             [sys.executable, "-m", "train", *overrides, "trainer.max_steps=" + str(records[-1]["step"] + 2)],
-            timeout_s=300,
+            timeout_s=check.timeout_s(),
         )
         if "resumed from" not in resumed.stdout + resumed.stderr:
             raise RuntimeError("the second run did not resume from the first run's checkpoint")
@@ -173,7 +192,9 @@ def _step(check: Check, variant: str, compiled: bool) -> dict[str, Any]:
         command = [sys.executable, "-m", "bench.worker", "--variant", variant, "--shape", shape]
         command += ["--dtype", "bf16", "--vocab", str(vocab), "--device", check.device, "--out", str(out)]
         command += ["--steps", "2" if check.args.dry_run else "20", "--warmup", "1" if check.args.dry_run else "5"]
-        run(command + (["--compile", "--compile-backend", check.compile_backend] if compiled else []), timeout_s=300)
+        run(
+            command + (["--compile", "--compile-backend", check.compile_backend] if compiled else []), check.timeout_s()
+        )
         return json.loads(out.read_text())
 
 
@@ -210,7 +231,7 @@ def cpu_bench(check: Check) -> dict[str, Any]:
         command = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", tmp]
         if check.args.dry_run:
             command += ["--steps", "1", "--warmup", "0", "--rounds", "1"]
-        run(command, timeout_s=max(60.0, check.left_s()))
+        run(command, timeout_s=check.timeout_s(600.0))
         result = json.loads((Path(tmp) / "latest.json").read_text())
     return {"machine": result["machine"], "ratios": result["ratios"], "rows": result["rows"]}
 
@@ -264,17 +285,7 @@ def main() -> None:
         ("cpu_bench", cpu_bench, 90),
     ]:
         check.stage(name, needs_s, fn)
-    out = args.out or (ROOT / "outputs" / "gpu_dry_run" if args.dry_run else ROOT / "bench" / "results")
-    result = {
-        "command": "python -m bench.gpu" + (" --dry-run" if args.dry_run else ""),
-        "date": datetime.date.today().isoformat(),
-        "dry_run": args.dry_run,
-        "stages": check.stages,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / "gpu.md").write_text(markdown(result))
-    print(markdown(result))
+    print(markdown(check.write()))
     failed = sum(stage["status"] == "failed" for stage in check.stages.values())
     sys.exit(min(failed, 100))
 

@@ -141,6 +141,7 @@ def test_collectives_benchmark_prints_gloo_and_shared_memory_times():
         assert float(gloo) > 0 and float(shared) > 0 and float(speedup.rstrip("x")) > 0
 
 
+@pytest.mark.slow  # a benchmark's plumbing; loading by slices is tests/test_hf.py's
 def test_hf_load_benchmark_measures_each_rank(tmp_path):
     command = [sys.executable, "-m", "bench.hf_load", "--layers", "1", "--vocab", "512", "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -263,3 +263,22 @@ def test_the_gpt2_preset_is_gpt2_124m_forward_included(tmp_path):
     idx = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(ours(idx), reference(idx).logits, **LOGITS, what="GPT-2 124M logits")
+
+
+def test_gpt2_as_the_hub_stores_it_without_the_transformer_prefix(tmp_path):
+    """openai-community/gpt2's model.safetensors names its tensors `wte.weight`, `h.0.attn.c_attn.weight`, ..."""
+    from safetensors.torch import load_file, save_file
+
+    reference = hf_model("gpt2", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in state.items()}, tmp_path / "model.safetensors")
+    idx = torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(GPT.from_pretrained(tmp_path)(idx), reference(idx).logits, **LOGITS, what="Hub-named GPT-2")
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    model = GPT(**CASES["llama"]).to(torch.bfloat16)
+    rotary = model._decoders[0]._heads.rotary
+    assert rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, GPT(**CASES["llama"])._decoders[0]._heads.rotary.inv_freq)

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, TINY_RUN, assert_same_curve, env_for, free_port, losses, train
+from tests.helpers import ROOT, TINY_RUN, assert_same_curve, env_for, free_port, losses, metrics, rank0_log, train
 from tp_attention.model import GPT
 from train.config import ConfigError, TrainConfig, register, validate
 from train.schedule import lr_at
@@ -66,6 +66,14 @@ def test_default_config_composes_and_is_valid():
         (["parallel.timeout_s=nan"], 1, r"parallel.timeout_s = nan must be a finite number in \(0, inf\)"),
         (["trainer.spike_factor=0.5"], 1, r"trainer.spike_factor = 0.5 must be 0 \(off\) or above 1"),
         (["trainer.mixed_precision=fp8"], 1, r"trainer.mixed_precision = 'fp8' must be one of no, bf16, fp16"),
+        (["parallel.dp_shard=3"], 4, r"parallel.dp_shard = 3 must divide dp = world_size / parallel.tp = 4 / 1 = 4"),
+        (
+            ["parallel.dp_shard=2", "parallel.dp_replicate=3"],
+            4,
+            r"parallel.dp_replicate x parallel.dp_shard = 3 x 2 must equal dp = world_size / parallel.tp = 4",
+        ),
+        (["trainer.activation_checkpointing=some"], 1, r"trainer.activation_checkpointing = 'some' must be one of"),
+        (["trainer.mixed_precision=fp16", "parallel.dp_shard=2"], 2, r"'fp16' with parallel.dp_shard > 1 is not"),
         (["data=text"], 1, r"data.path must name a file or directory"),
         (["data=hf"], 1, r"data.hf_name must name a dataset"),
         (["data.tokenizer=bpe", "data.bpe_vocab_size=200"], 1, r"data.bpe_vocab_size = 200 must exceed 256"),
@@ -137,21 +145,65 @@ def test_single_process_run_writes_every_output(workdir, single):
     assert single[-1] < single[0], "loss should fall"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["good.json", "step_00000005", "step_00000010"]
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
+    memory = json.loads((run / "run.json").read_text())["memory"]  # the start-up memory report
+    parameters = GPT.load(run / "export").num_parameters(exclude_position_embeddings=False)
+    assert memory["parameters"] == memory["gradients"] == 4 * parameters and memory["optimizer"] == 8 * parameters
+    assert "memory per rank (GiB): parameters" in rank0_log(workdir, "single")
 
 
-@pytest.mark.parametrize("layout", ["dp1_tp2", "dp1_tp2_sp", "dp2_tp1", "ga2"])
+LAYOUT_RUNS = {  # activation checkpointing rides along: it must not change the curve either
+    "dp1_tp2": (["parallel.tp=2"], 2),
+    "dp1_tp2_sp_selective_ac": (
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "trainer.activation_checkpointing=selective"],
+        2,
+    ),
+    "dp2_tp1": (["parallel.tp=1"], 2),
+    "ga2_full_ac": (["trainer.micro_batch=4", "trainer.activation_checkpointing=full"], 1),
+    "fsdp2_tp2_sp_full_ac": (
+        [
+            "parallel.dp_shard=2",
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "trainer.activation_checkpointing=full",
+        ],
+        4,
+    ),
+    "fsdp4": (["parallel.dp_shard=4"], 4),
+    "hsdp2x2": (["parallel.dp_shard=2", "parallel.dp_replicate=2"], 4),
+}
+FOUR_RANKS = [name for name, (_, nproc) in LAYOUT_RUNS.items() if nproc == 4]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param(name, marks=pytest.mark.slow) if name in FOUR_RANKS else name for name in LAYOUT_RUNS],
+)
 def test_layouts_agree_with_the_single_process_run(workdir, single, layout):
-    overrides, nproc = {
-        "dp1_tp2": (["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=2"], 2),
-        "dp1_tp2_sp": (
-            ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true"],
-            2,
-        ),
-        "dp2_tp1": (["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=1"], 2),
-        "ga2": (["trainer.max_steps=10", "trainer.batch_size=8", "trainer.micro_batch=4"], 1),
-    }[layout]
+    overrides, nproc = LAYOUT_RUNS[layout]
+    overrides = ["trainer.max_steps=10", "trainer.batch_size=8", *overrides]
     train(workdir, layout, overrides, nproc)
     assert_same_curve(losses(workdir, layout), single, layout)
+
+
+def test_fsdp2_shards_the_state_and_its_checkpoints_load_at_other_layouts(workdir, single):
+    """dp_shard=2 (FSDP2): the same curve, half the parameters per rank, and its checkpoint resumes in one
+    process; a one-process checkpoint resumes under FSDP2."""
+    overrides = ["trainer.max_steps=10", "trainer.batch_size=8"]
+    train(workdir, "fsdp2", [*overrides, "parallel.dp_shard=2"], 2)
+    assert_same_curve(losses(workdir, "fsdp2"), single, "fsdp2")
+    norms = {run: [r["grad_norm"] for r in metrics(workdir, run)] for run in ("single", "fsdp2")}
+    assert_same_curve(norms["fsdp2"], norms["single"], "fsdp2 gradient norms (sharded over dp_shard)")
+    memory = {
+        run: json.loads((workdir / "runs" / run / "run.json").read_text())["memory"] for run in ("single", "fsdp2")
+    }
+    assert 0.49 < memory["fsdp2"]["parameters"] / memory["single"]["parameters"] < 0.52
+    assert memory["fsdp2"]["optimizer"] == 2 * memory["fsdp2"]["parameters"]
+    step5 = workdir / "runs" / "fsdp2" / "checkpoints" / "step_5"
+    train(workdir, "fsdp2_to_1", [*overrides, f"trainer.resume={step5}"])
+    assert_same_curve(losses(workdir, "fsdp2_to_1"), single, "FSDP2 checkpoint resumed in one process")
+    step5 = workdir / "runs" / "single" / "checkpoints" / "step_5"
+    train(workdir, "1_to_fsdp2", [*overrides, f"trainer.resume={step5}", "parallel.dp_shard=2"], 2)
+    assert_same_curve(losses(workdir, "1_to_fsdp2"), single, "one-process checkpoint resumed under FSDP2")
 
 
 @pytest.mark.slow
@@ -242,10 +294,19 @@ def test_two_nodes_on_loopback_train_at_tp2(workdir, single):
     assert_same_curve([r["loss"] for r in records], single[:5], "two nodes, tp=2")
 
 
+def accelerate_config(workdir: Path, name: str, **replace: str) -> Path:
+    """A copy of `launch/<name>` with a free port (and `replace`d lines)."""
+    text = (ROOT / "launch" / name).read_text()
+    for old, new in {"main_process_port: 2951": f"main_process_port: {free_port()}  # ", **replace}.items():
+        text = text.replace(old, new)
+    config = workdir / name
+    config.write_text(text)
+    return config
+
+
+@pytest.mark.slow  # accelerate launch stays in the default suite with its parallelism_config (below)
 def test_accelerate_launch_on_cpu_runs_two_processes(workdir, single):
-    config = workdir / "accelerate_cpu.yaml"
-    text = (ROOT / "launch" / "accelerate_cpu.yaml").read_text()
-    config.write_text(text.replace("main_process_port: 29511", f"main_process_port: {free_port()}"))
+    config = accelerate_config(workdir, "accelerate_cpu.yaml")
     command = ["bash", str(ROOT / "launch" / "accelerate.sh"), str(config)]
     env = {"ACCELERATE_USE_CPU": ""}  # the script must set it itself
     train(
@@ -257,6 +318,28 @@ def test_accelerate_launch_on_cpu_runs_two_processes(workdir, single):
     )
     assert_same_curve(losses(workdir, "accelerate"), single[:5], "accelerate launch, tp=2")
     assert (workdir / "runs" / "accelerate" / "logs" / "rank1.log").is_file()
+
+
+@pytest.mark.parametrize(
+    "processes, layout",
+    [
+        ("2", {"tp": 1, "dp_shard": 2}),  # the layout of this 2-core machine's default suite
+        pytest.param("4", {"tp": 2, "dp_shard": 2}, marks=pytest.mark.slow),  # launch/accelerate_fsdp_tp_cpu.yaml
+    ],
+)
+def test_accelerate_s_parallelism_config_sets_the_fsdp2_x_tp_layout(workdir, single, processes, layout):
+    sizes = {f"parallelism_config_{k}_size: 2": f"parallelism_config_{k}_size: {v}" for k, v in layout.items()}
+    config = accelerate_config(
+        workdir, "accelerate_fsdp_tp_cpu.yaml", **{"num_processes: 4": f"num_processes: {processes}"}, **sizes
+    )
+    command = ["bash", str(ROOT / "launch" / "accelerate.sh"), str(config)]
+    run = f"accelerate_fsdp_{processes}"
+    train(workdir, run, ["trainer.max_steps=5", "trainer.batch_size=8"], command=command)
+    assert_same_curve(losses(workdir, run), single[:5], f"accelerate launch, {layout}")
+    recorded = json.loads((workdir / "runs" / run / "run.json").read_text())["config"]["parallel"]
+    assert {k: recorded[k] for k in layout} == layout
+    refused = train(workdir, "refused", ["parallel.tp=4"], command=command, check=False)
+    assert "accelerate's parallelism_config sets the layout; drop parallel.tp = 4" in refused.stderr
 
 
 def test_config_errors_exit_with_one_line(workdir):

@@ -169,3 +169,19 @@ def test_checkpoint_save_is_atomic_and_verified(tmp_path):
     for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q), name
         assert torch.equal(optimizer.state[p]["exp_avg"], fresh_optimizer.state[q]["exp_avg"]), name
+
+
+def test_the_memory_report_counts_this_rank_s_tensors_and_checkpointed_blocks():
+    from tp_attention.checkpointing import apply_activation_checkpointing
+    from train.memory import layout_report, memory_report
+
+    cfg = GPT(**CASES["llama"]).config
+    full = layout_report(cfg, 1, micro_batch=4, seq_len=16)
+    half = layout_report(cfg, 2, micro_batch=4, seq_len=16)
+    assert full["parameters"] == 4 * GPT(**CASES["llama"]).num_parameters(exclude_position_embeddings=False)
+    assert 0.5 <= half["parameters"] / full["parameters"] < 0.52  # the norms are replicated
+    assert half["optimizer"] == 2 * half["parameters"] and half["activations"] < full["activations"]
+    model = GPT(**CASES["llama"])
+    plain = memory_report(model, 4, 16, 1)["activations"]
+    apply_activation_checkpointing(model, "full")
+    assert memory_report(model, 4, 16, 1)["activations"] < plain

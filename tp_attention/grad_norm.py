@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from tp_attention.distributed import Group, tp_size
+from tp_attention.fsdp import data_parallel_groups, local
 from tp_attention.mappings import all_reduce_in_place
 from tp_attention.state_dict import sharded_parameters
 
@@ -24,11 +26,14 @@ def grad_norm(model: nn.Module, tp_group: Group = None) -> torch.Tensor:
         if p.grad is None:
             continue
         share = (specs[name][0].num_shards if name in specs else 1) / tp
-        sq = p.grad.detach().float().pow(2).sum() * share
+        sq = local(p.grad).detach().float().pow(2).sum() * share  # FSDP2: this rank's rows of the TP shard
         total = sq if total is None else total + sq
     if total is None:
         return torch.zeros(())
-    return all_reduce_in_place(total, tp_group).sqrt()
+    total = all_reduce_in_place(total, tp_group)
+    for group in data_parallel_groups(model):  # FSDP2: each DP rank holds other rows
+        dist.all_reduce(total, group=group)
+    return total.sqrt()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: Group = None) -> torch.Tensor:
@@ -37,7 +42,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: Group = None) -
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
         if p.grad is not None:
-            p.grad.mul_(scale.to(p.grad.device))
+            local(p.grad).mul_(scale.to(p.grad.device))
     return norm
 
 
@@ -50,7 +55,7 @@ def sync_replicated_grads(model: nn.Module, tp_group: Group) -> None:
     if tp_size(tp_group) == 1:
         return
     specs = sharded_parameters(model)
-    grads = [p.grad for n, p in model.named_parameters() if n not in specs and p.grad is not None]
+    grads = [local(p.grad) for n, p in model.named_parameters() if n not in specs and p.grad is not None]
     if grads:
         flat = all_reduce_in_place(torch.cat([g.reshape(-1) for g in grads]), tp_group)
         for g, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from tp_attention.distributed import Group, tp_rank, tp_size
 from tp_attention.layers import ShardSpec
 from tp_attention.model import GPTConfig
 from tp_attention.rope import RotaryEmbedding
-from tp_attention.state_dict import gather_shard, sharded_parameters
+from tp_attention.state_dict import gather_shard, sharded_parameters, unshard_data_parallel
 
 if TYPE_CHECKING:
     from tp_attention.model import GPT
@@ -221,7 +221,9 @@ def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": rope,
+        "rope_parameters": rope,  # transformers 5; 4.x reads the two below
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
         "attention_bias": cfg.attn_bias,
         "mlp_bias": cfg.ffn_bias,
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -386,6 +388,8 @@ def load_weights(model: GPT, path: Path, dtype: torch.dtype = torch.float32) -> 
     if is_hf_directory(path):
         kind = json.loads((path / "config.json").read_text())["model_type"]
         table = sources(model.config, kind)
+        if kind == "gpt2" and "transformer.wte.weight" not in files.where and "wte.weight" in files.where:
+            table = {k: replace(v, name=v.name.removeprefix("transformer.")) for k, v in table.items()}  # the Hub's
     else:
         kind, table = "GPT.save", {name: Source(name) for name in ours}
     specs, local, problems, used = sharded_parameters(model), {}, [], set()
@@ -426,7 +430,8 @@ def hf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
     for hf_name, parts in grouped.items():
         full = []
         for name, source in parts:
-            tensor = gather_shard(ours[name].detach(), *specs[name]) if name in specs else ours[name].detach()
+            tensor = unshard_data_parallel(ours[name].detach())  # FSDP2: this rank's whole TP shard first
+            tensor = gather_shard(tensor, *specs[name]) if name in specs else tensor
             full.append(tensor.t() if source.transpose else tensor)
         yield hf_name, torch.cat(full, dim=-1 if parts[0][1].transpose else 0).contiguous()  # Q|K|V: GPT-2's c_attn
 

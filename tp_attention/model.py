@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tp_attention.attention import KVCache, MultiHeadAttention
 from tp_attention.distributed import Group, check_group, tp_rank, tp_size
@@ -169,6 +170,7 @@ class Decoder(nn.Module):
         )
         self._norm2 = make_norm(cfg)
         self._ff = FeedForward(cfg, tp_group, generator)
+        self.checkpointed = False  # recompute in backward (tp_attention.checkpointing)
 
     def forward(
         self,
@@ -179,6 +181,13 @@ class Decoder(nn.Module):
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`h` `[B, T[/tp], E]`; `mask` and `positions` (RoPE) as for `MultiHeadAttention.forward`."""
+        if self.checkpointed and kv_cache is None and torch.is_grad_enabled():
+            return checkpoint(
+                self._block, h, None, sequence_parallel, mask, positions, use_reentrant=False, preserve_rng_state=True
+            )
+        return self._block(h, kv_cache, sequence_parallel, mask, positions)
+
+    def _block(self, h, kv_cache, sequence_parallel, mask, positions) -> torch.Tensor:
         attn = self._heads(
             self._norm1(h), mask, kv_cache=kv_cache, sequence_parallel=sequence_parallel, positions=positions
         )

@@ -88,6 +88,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inverse_frequencies(self.head_size, self.theta, self.scaling)
         self.inv_freq = inv_freq if self.inv_freq.is_meta else inv_freq.to(self.inv_freq.device)
 
+    def _apply(self, fn, recurse: bool = True):
+        """`module.to(torch.bfloat16)` and the like cast buffers: `inv_freq` stays fp32 (bf16 angles drift
+        by whole radians at long positions), as Hugging Face's rotary embedding keeps it."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            self.inv_freq = rope_inverse_frequencies(self.head_size, self.theta, self.scaling).to(self.inv_freq.device)
+        return self
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q `(B, H, T, D)` and k `(B, KV, T, D)` by `positions` `[T]` or `[B, T]` (integers)."""
         freqs = positions.to(self.inv_freq.device).float()[..., None] * self.inv_freq  # (B|-, T, D/2), fp32

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from tp_attention.distributed import Group, process_group, tp_rank, tp_size
 from tp_attention.layers import ShardSpec
@@ -45,9 +45,8 @@ def gather_full(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[s
     A collective: every rank of each TP group must call it with the same keys.
     """
     specs = sharded_parameters(model)
-    return {
-        name: gather_shard(t.detach(), *specs[name]) if name in specs else t.detach() for name, t in tensors.items()
-    }
+    tensors = {name: unshard_data_parallel(t.detach()) for name, t in tensors.items()}
+    return {name: gather_shard(t, *specs[name]) if name in specs else t for name, t in tensors.items()}
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,8 +119,9 @@ def dcp_state_dict(
     Shards replicated on several ranks (KV heads when tp > num_kv_heads) are stored gathered in
     full; call the returned `finish()` after `dcp.load` to copy their slices back.
     """
+    tensors, finish_data_parallel = _unshard_for_load(tensors)
     if mesh is None:
-        return dict(tensors), lambda: None
+        return dict(tensors), finish_data_parallel
     specs = sharded_parameters(model)
     replicate = [Replicate()] * mesh.ndim
     wrapped, copy_back = {}, []
@@ -152,5 +152,30 @@ def dcp_state_dict(
         with torch.no_grad():
             for full, spec, local, rank, tp in copy_back:
                 local.copy_(spec.slice(full, rank, tp))
+        finish_data_parallel()
 
     return wrapped, finish
+
+
+def unshard_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 DTensor (sharded over the DP mesh) gathered into this rank's whole TP shard (a collective
+    over that mesh); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _unshard_for_load(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+    """FSDP2 DTensors gathered (copies) for DCP, and `finish()` that puts what was loaded into them back
+    into their DP pieces (each rank's rows, no communication)."""
+    out, back = {}, []
+    for name, tensor in tensors.items():
+        out[name] = unshard_data_parallel(tensor)
+        if out[name] is not tensor:
+            back.append((tensor, out[name]))
+
+    def finish() -> None:
+        with torch.no_grad():
+            for sharded, full in back:
+                piece = distribute_tensor(full, sharded.device_mesh, sharded.placements, src_data_rank=None)
+                sharded.to_local().copy_(piece.to_local())
+
+    return out, finish

@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from tp_attention.checkpointing import MODES as ACTIVATION_CHECKPOINTING
 from tp_attention.model import GPTConfig
 from tp_attention.shapes import check_gpt, check_number, check_seq_len, check_sequence_parallel
 
@@ -118,6 +119,10 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     tp: int = opt(1, "tensor-parallel size; dp = world_size / tp")
+    dp_shard: int = opt(
+        1, "FSDP2: shard parameters, gradients and AdamW state over this many of the dp ranks (1: DDP over all dp)"
+    )
+    dp_replicate: int | None = opt(None, "replicas of the dp_shard groups (HSDP when > 1); null: dp / dp_shard")
     sequence_parallel: bool = opt(False, "LayerNorm, dropout and residual adds on seq_len / tp tokens per rank")
     device: str = opt("auto", "auto | cpu | cuda")
     timeout_s: float = opt(600.0, "deadline of every collective, seconds")
@@ -158,6 +163,10 @@ class TrainerConfig:
         default_factory=lambda: ["tensorboard"],
         metadata={"help": "accelerate trackers: tensorboard, mlflow, wandb, aim, ... ([] for none)"},
     )
+    activation_checkpointing: str = opt(
+        "none", "none | full (every block) | selective (every activation_checkpointing_every-th): recompute in backward"
+    )
+    activation_checkpointing_every: int = opt(2, "selective: checkpoint blocks 0, k, 2k, ... for this k")
     compile: bool = opt(False, "torch.compile the model for training")
     compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to debug)")
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG on GPU)")
@@ -236,6 +245,7 @@ def _numbers(cfg: TrainConfig) -> None:
             "checkpoint_interval",
             "keep_checkpoints",
             "max_bad_steps",
+            "activation_checkpointing_every",
         ),
         "optim": ("decay_steps",),
         "parallel": ("tp", "nproc_per_node"),
@@ -248,6 +258,28 @@ def _numbers(cfg: TrainConfig) -> None:
     for name, value in (("optim.warmup_steps", o.warmup_steps), ("data.max_bytes", d.max_bytes)):
         if value < 0:
             raise ConfigError(f"{name} = {value} must be >= 0")
+
+
+def data_parallel_layout(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """`(dp_replicate, dp_shard)` for `world_size` ranks at `parallel.tp`.
+
+    Raises:
+        ConfigError: dp = world_size / tp is not dp_replicate x dp_shard.
+    """
+    dp = world_size // parallel.tp
+    shard = parallel.dp_shard
+    if shard < 1 or dp % shard != 0:
+        raise ConfigError(
+            f"parallel.dp_shard = {shard} must divide dp = world_size / parallel.tp = {world_size} / {parallel.tp} "
+            f"= {dp}"
+        )
+    replicate = parallel.dp_replicate or dp // shard
+    if replicate * shard != dp:
+        raise ConfigError(
+            f"parallel.dp_replicate x parallel.dp_shard = {replicate} x {shard} must equal dp = world_size / "
+            f"parallel.tp = {dp}"
+        )
+    return replicate, shard
 
 
 def batch_layout(trainer: TrainerConfig, dp: int) -> tuple[int, int]:
@@ -288,6 +320,7 @@ def _choices(cfg: TrainConfig) -> None:
     """Names from fixed lists, trackers that are installed, a profile window, AdamW's implementation."""
     o, t = cfg.optim, cfg.trainer
     _choice(o.schedule, ("cosine", "linear", "constant", "wsd"), "optim.schedule")
+    _choice(t.activation_checkpointing, ACTIVATION_CHECKPOINTING, "trainer.activation_checkpointing")
     _as_config_error(check_number, o.decay_fraction, "optim.decay_fraction", 0.0, 1.0, high_open=False)
     _as_config_error(check_number, o.eps, "optim.eps", 0.0, math.inf, low_open=True)
     if o.fused and o.foreach:
@@ -312,6 +345,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _choices(cfg)
     if world_size % p.tp != 0:
         raise ConfigError(f"world_size = {world_size} must be divisible by parallel.tp = {p.tp}")
+    data_parallel_layout(p, world_size)
     batch_layout(t, world_size // p.tp)
     _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
     _choice(d.source, ("stdlib", "text", "hf"), "data.source")
@@ -327,6 +361,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if d.tokenizer == "bpe" and d.bpe_vocab_size <= 256:
         raise ConfigError(f"data.bpe_vocab_size = {d.bpe_vocab_size} must exceed 256 (the byte alphabet)")
     _as_config_error(check_seq_len, t.seq_len, m.max_seq_len, name="trainer.seq_len", max_name="model.max_seq_len")
+    if t.mixed_precision == "fp16" and p.dp_shard > 1:
+        raise ConfigError(
+            "trainer.mixed_precision = 'fp16' with parallel.dp_shard > 1 is not supported: the loss scaler's "
+            "inf checks are per rank; use bf16"
+        )
     if p.sequence_parallel:
         _as_config_error(check_sequence_parallel, t.seq_len, p.tp, name="trainer.seq_len", tp_name="parallel.tp")
 

@@ -13,11 +13,10 @@ one of its layouts; otherwise the error names the fields in the way.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from train.config import ConfigError
-from train.sources import load_source
+from train.sources import command_errors, load_source
 
 FORMATS = ("hf", "export")
 
@@ -34,7 +33,9 @@ def convert(source: Path, out: Path, to: str) -> Path:
     try:
         loaded.model.save_pretrained(out) if to == "hf" else loaded.model.save(out)
     except ValueError as e:
-        raise ConfigError(f"cannot write {source} as a Hugging Face directory: {e}") from None
+        raise ConfigError(
+            f"cannot write {source} as {'a Hugging Face directory' if to == 'hf' else 'an export'}: {e}"
+        ) from None
     loaded.tokenizer.save(out)
     return out
 
@@ -45,11 +46,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--to", required=True, choices=FORMATS, help="hf: Hugging Face; export: GPT.save")
     args = parser.parse_args()
-    try:
+    with command_errors("convert"):
         print(f"wrote {convert(args.source, args.out, args.to)}")
-    except ConfigError as e:
-        print(f"convert error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

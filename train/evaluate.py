@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch.distributed as dist
 
 from train.config import ConfigError, DataConfig
 from train.data import documents, prepare_data
-from train.sources import Source, dump, load_source, parallel_groups
+from train.sources import Source, command_errors, dump, load_source, parallel_groups
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +109,7 @@ def output_path(args: argparse.Namespace, source_path: Path) -> Path:
 
 def main() -> None:
     args = parse_args()
-    try:
+    with command_errors("evaluate"):
         result = evaluate(args)
         if not dist.is_initialized() or dist.get_rank() == 0:
             out = output_path(args, Path(args.source))
@@ -120,12 +119,6 @@ def main() -> None:
                 f"{result['bits_per_byte']:.4f} bits/byte | {result['tokens']:,} tokens of {result['data']} "
                 f"| {out}"
             )
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"evaluate error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

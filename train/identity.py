@@ -40,6 +40,8 @@ RESUMABLE = frozenset(
         "trainer.micro_batch",
         "trainer.log_with",
         "trainer.compile",
+        "trainer.activation_checkpointing",
+        "trainer.activation_checkpointing_every",
         "trainer.compile_backend",
         "trainer.deterministic",
         "trainer.eval_only",

@@ -43,10 +43,10 @@ def checkpoint_config(path: Path) -> GPTConfig:
     )
 
 
-def overridden_model_fields(overrides: list[str]) -> set[str]:
-    """The `model.X` fields set on the command line (`model.X=`, `+model.X=`, `++model.X=`)."""
+def overridden_fields(overrides: list[str], section: str) -> set[str]:
+    """The `<section>.X` fields set on the command line (`X=`, `+X=`, `++X=`)."""
     keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides)
-    return {key.removeprefix("model.") for key in keys if key.startswith("model.")}
+    return {key.removeprefix(f"{section}.") for key in keys if key.startswith(f"{section}.")}
 
 
 def apply_init_from(cfg: DictConfig, overrides: list[str]) -> None:
@@ -62,7 +62,7 @@ def apply_init_from(cfg: DictConfig, overrides: list[str]) -> None:
     shape = {k: v for k, v in asdict(checkpoint_config(path)).items() if k not in TRAINING_FIELDS}
     conflicts = [
         f"model.{name} = {cfg.model[name]!r} (it has {shape[name]!r})"
-        for name in sorted(overridden_model_fields(overrides) & set(shape))
+        for name in sorted(overridden_fields(overrides, "model") & set(shape))
         if cfg.model[name] != shape[name]
     ]
     if conflicts:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.config import TrainConfig, TrainingError, validate
 from train.init_from import apply_init_from
+from train.layout import apply_accelerate_layout
 from train.phases import phase
 from train.preemption import Preempted
 from train.run_dir import write_status
@@ -32,7 +33,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             steps in a row, a full disk.
         Preempted: SIGTERM or SIGINT; the checkpoint of the last step was saved first.
     """
-    apply_init_from(cfg, list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task)
+    apply_accelerate_layout(cfg, overrides)
+    apply_init_from(cfg, overrides)
     conf: TrainConfig = OmegaConf.to_object(cfg)
     validate(conf, int(os.environ.get("WORLD_SIZE", "1")))
     timeout_s = conf.parallel.timeout_s

@@ -81,6 +81,13 @@ def write_run_record(run_dir: Path, cfg: DictConfig, world_size: int) -> dict[st
     return record
 
 
+def add_to_run_record(run_dir: Path, **entries: Any) -> None:
+    """Add top-level entries to `run.json` (what is known only once the model is built)."""
+    path = run_dir / "run.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(record | entries, indent=2, default=str) + "\n")
+
+
 def overrides_for(config: dict[str, Any], prefix: str = "") -> list[str]:
     """Hydra overrides that set every leaf of a resolved config (`section.key=value`), quoted for Hydra."""
     out = []

@@ -18,8 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from train.config import ConfigError
-from train.sources import load_source, parallel_groups, read_prompt
+from train.sources import command_errors, load_source, parallel_groups, read_prompt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,14 +85,8 @@ def sample(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     args = parse_args()
-    try:
+    with command_errors("sample"):
         sample(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"sample error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

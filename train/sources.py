@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -107,3 +111,17 @@ def parallel_groups(tp: int) -> ParallelGroups | None:
         return init_parallel_groups(tp, device_type, shared_memory=device_type == "cpu")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+@contextmanager
+def command_errors(name: str) -> Iterator[None]:
+    """The body of command `name`: a ConfigError, ValueError or FileNotFoundError becomes one line
+    (`<name> error: ...`) and exit status 2; the process group (under torchrun) is destroyed either way."""
+    try:
+        yield
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"{name} error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

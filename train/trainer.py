@@ -35,18 +35,23 @@ from accelerate.utils import ProjectConfiguration
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from tp_attention.checkpointing import apply_activation_checkpointing, is_recomputed
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.flops import flops_per_token
+from tp_attention.fsdp import data_parallel_mesh, gathered, local, shard_data_parallel
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.hf import load_weights
 from tp_attention.model import GPT, GPTConfig
 from train import checkpoint, faults
-from train.config import ConfigError, TrainConfig, batch_layout
+from train.config import ConfigError, TrainConfig, batch_layout, data_parallel_layout
 from train.data import check_activation_memory, eval_batches, prepare_data, step_batch
 from train.flops import measure_peak_flops, mfu
 from train.guard import DivergenceGuard
 from train.identity import experiment
+from train.layout import accelerate_layout, check_same_layout
 from train.lock import RunLock
+from train.memory import describe as describe_memory
+from train.memory import memory_report
 from train.metrics import Metrics
 from train.phases import phase
 from train.plots import save_loss_plot
@@ -54,7 +59,7 @@ from train.preemption import Preempted, StopFlag
 from train.profiling import StepProfiler
 from train.progress import Progress
 from train.ranks import any_rank, broadcast_object, on_main
-from train.records import write_run_record
+from train.records import add_to_run_record, write_run_record
 from train.resume import resolve_resume
 from train.run_dir import agree_on_run_dir, check_output_space, setup_logging, write_hydra_files, write_status
 from train.schedule import lr_at, schedule_warnings
@@ -151,6 +156,10 @@ class Trainer:
         self.mesh, self.tp_group = (self.groups.mesh, self.groups.tp_group) if self.groups else (None, None)
         self.dp_size, self.dp_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
         self.dp_group = self.groups.dp_group if self.groups and self.dp_size > 1 else None
+        self.dp_replicate, self.dp_shard = data_parallel_layout(p, self.world)
+        self.fsdp_mesh = (
+            data_parallel_mesh(self.device_type, self.dp_replicate, self.dp_shard, p.tp) if self.dp_shard > 1 else None
+        )
         self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size)
         torch.use_deterministic_algorithms(t.deterministic)  # off again for the next job of a sweep
         if t.deterministic:
@@ -158,27 +167,40 @@ class Trainer:
         self.run_dir = agree_on_run_dir(hydra_dir)
         self.lock = RunLock(self.run_dir)
         stale = on_main(self.lock.acquire)  # one writer per run dir: a second run here is refused, naming the holder
-        self.accelerator = Accelerator(
-            cpu=self.device_type == "cpu",
-            mixed_precision=t.mixed_precision,
-            gradient_accumulation_steps=self.grad_accum,
-            log_with=list(t.log_with) or None,
-            project_config=ProjectConfiguration(str(self.run_dir), str(self.run_dir)),
-        )
+        use_parallelism_config = os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG")
+        if self.device_type == "cpu" and accelerate_layout() is not None:
+            # accelerate 1.15 refuses a ParallelismConfig on MULTI_CPU (parallelism_config.py:395,
+            # _validate_accelerator); train.layout already read it into parallel.*, so go on without one
+            os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = "false"
+        try:
+            self.accelerator = Accelerator(
+                cpu=self.device_type == "cpu",
+                mixed_precision=t.mixed_precision,
+                gradient_accumulation_steps=self.grad_accum,
+                log_with=list(t.log_with) or None,
+                project_config=ProjectConfiguration(str(self.run_dir), str(self.run_dir)),
+            )
+        finally:  # the next job of a sweep in this process reads the layout again
+            if use_parallelism_config is not None:
+                os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = use_parallelism_config
         self.rank, self.device = self.accelerator.process_index, self.accelerator.device
         self.is_main = self.rank == 0
         setup_logging(self.run_dir, self.rank)
+        if self.accelerator.torch_device_mesh is not None:
+            check_same_layout(self.accelerator.torch_device_mesh, self.world)
+            log.info("accelerate's device mesh %s has the layout of our groups", self.accelerator.torch_device_mesh)
         if stale:
             log.warning("took over the stale lock of %s on %s", stale, self.run_dir)
         if self.is_main:
             write_hydra_files(self.run_dir, self.cfg)
             write_run_record(self.run_dir, self.cfg, self.world)
         log.info(
-            "run dir %s | world %d = dp %d x tp %d | device %s | batch %d = dp x %d micro x %d accumulated%s",
+            "run dir %s | world %d = dp %d x tp %d%s | device %s | batch %d = dp x %d micro x %d accumulated%s",
             self.run_dir,
             self.world,
             self.dp_size,
             p.tp,
+            f" (FSDP2: dp = {self.dp_replicate} replicas x {self.dp_shard} shards)" if self.dp_shard > 1 else "",
             self.device_type,
             t.batch_size,
             self.micro_batch,
@@ -196,7 +218,11 @@ class Trainer:
             raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
         shape = {k: v for k, v in asdict(m).items() if k != "init_from"}
         self.model_config = GPTConfig(**{**shape, "vocab_size": vocab})
-        check_activation_memory(self.model_config, self.micro_batch, t.seq_len, self.conf.parallel.tp, self.device)
+        mode, every = t.activation_checkpointing, t.activation_checkpointing_every
+        recomputed = sum(is_recomputed(i, mode, every) for i in range(m.num_layers))
+        check_activation_memory(
+            self.model_config, self.micro_batch, t.seq_len, self.conf.parallel.tp, self.device, recomputed
+        )
         log.info(
             "data %s: %d train / %d val tokens, vocab %d",
             self.data.directory,
@@ -221,11 +247,24 @@ class Trainer:
             load_weights(self.model, Path(init_from).expanduser())
             log.info("weights from %s", init_from)
         self.model.to(self.device)
-        self.wrapped = (
-            DistributedDataParallel(self.model, process_group=self.dp_group)
-            if self.dp_group is not None
-            else self.model
+        t = self.conf.trainer
+        recomputed = apply_activation_checkpointing(
+            self.model, t.activation_checkpointing, t.activation_checkpointing_every
         )
+        if recomputed:
+            log.info(
+                "activation checkpointing: %d of %d blocks recompute in backward", recomputed, len(self.model._decoders)
+            )
+        if self.fsdp_mesh is not None:  # parameters, gradients and AdamW state: 1 / dp_shard of the TP shard
+            self.wrapped = shard_data_parallel(self.model, self.fsdp_mesh)
+        elif self.dp_group is not None:
+            self.wrapped = DistributedDataParallel(self.model, process_group=self.dp_group)
+        else:
+            self.wrapped = self.model
+        self.memory = memory_report(self.model, self.micro_batch, t.seq_len, p.tp)
+        log.info(describe_memory(self.memory))
+        if self.is_main:
+            add_to_run_record(self.run_dir, memory=self.memory)
         implementation = {k: v for k, v in (("fused", o.fused), ("foreach", o.foreach)) if v is not None}
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **implementation
@@ -411,7 +450,7 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path | None:
         """Save checkpoint `step` unless the state is suspect (a bad streak, non-finite weights); returns it."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        finite = torch.stack([torch.isfinite(local(p)).all() for p in self.model.parameters()]).all()
         if not self.guard.healthy() or any_rank(~finite)[0]:
             log.warning(
                 "step %d: no checkpoint written: %s",
@@ -420,7 +459,7 @@ class Trainer:
             )
             return None
         extra = {
-            "layout": {"dp": self.dp_size, "tp": self.conf.parallel.tp},
+            "layout": {"dp": self.dp_size, "tp": self.conf.parallel.tp, "dp_shard": self.dp_shard},
             "model": asdict(self.model_config),
             "config": OmegaConf.to_container(self.cfg, resolve=False),
             "experiment": self.experiment,
@@ -514,7 +553,8 @@ class Trainer:
             shutil.copy(self.run_dir / "tokenizer.json", export_dir / "tokenizer.json")
         prompt = torch.tensor([self.data.tokenizer.encode(t.sample_prompt) or [0]], device=self.device)
         torch.manual_seed(t.seed)
-        sample_ids = self.model.generate(prompt, t.sample_tokens, do_sample=True, temperature=0.8, top_k=50)
+        with gathered(self.model):  # FSDP2 gathers parameters in forward only; generate calls other methods
+            sample_ids = self.model.generate(prompt, t.sample_tokens, do_sample=True, temperature=0.8, top_k=50)
         sample = self.data.tokenizer.decode(sample_ids[0].tolist())
         history = self.metrics.read() if self.is_main else []
         if self.is_main:

@@ -1,0 +1,76 @@
+"""Sharded data parallelism (FSDP2, `fully_shard`) composed with our tensor parallelism.
+
+    mesh = data_parallel_mesh("cpu", dp_replicate=1, dp_shard=2, tp=2)   # ranks as in the (dp, tp) mesh
+    shard_data_parallel(model, mesh)                                     # after the model is built at its tp
+
+Our TP shards are plain tensors, so FSDP2 sees each rank's TP shard as an ordinary parameter and shards
+it again, along dim 0, over the DP ranks that hold the same TP shard (Megatron-core composes
+`fully_shard` with its TP shards the same way). Each block is one FSDP unit: its parameters are
+all-gathered over dp_shard before its forward and backward, its gradients reduce-scattered (averaged)
+after. With `dp_replicate > 1` (HSDP) the mesh is 2-D and gradients are also all-reduced across the
+replicas. Parameters, gradients and AdamW moments then take `1 / dp_shard` of a TP shard per rank.
+Gradients and parameters are DTensors over the DP mesh; `tp_attention.grad_norm` and
+`tp_attention.state_dict` read their local pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+
+def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int, tp: int) -> DeviceMesh:
+    """The DP part of the `(dp_replicate, dp_shard, tp)` mesh: 1-D `dp_shard`, or 2-D
+    `(dp_replicate, dp_shard)` for HSDP. Rank `(r * dp_shard + s) * tp + t` sits at `(r, s, t)`, the
+    layout of `init_parallel_groups`' `(dp, tp)` mesh with `dp = r * dp_shard + s`. A collective."""
+    mesh = init_device_mesh(
+        device_type, (dp_replicate, dp_shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
+    )
+    return mesh["dp_shard"] if dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
+
+
+def shard_data_parallel(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """`fully_shard` each block (`model._decoders`), then the rest (embeddings, final norm, head) as the
+    root unit; returns `model`, now sharded in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model._decoders:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of an FSDP2 DTensor (a view of its storage); any other tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def data_parallel_groups(model: nn.Module) -> list:
+    """The process groups over which FSDP2 shards `model`'s parameters (none for an unsharded model)."""
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            return [mesh.get_group(i) for i, placement in enumerate(p.placements) if placement.is_shard()]
+    return []
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every FSDP2 unit of `model` holds its whole TP shard (all-gathered over the DP mesh), so methods
+    other than `forward` (`generate`, `next_token_logits`) run as on an unsharded model; resharded on exit.
+    A collective over the DP mesh; nothing happens for a model without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()

@@ -1,0 +1,63 @@
+"""The parallel layout when `accelerate launch` sets it: accelerate's `parallelism_config`.
+
+An accelerate config file with a `parallelism_config` (`parallelism_config_tp_size`, `..._dp_shard_size`,
+`..._dp_replicate_size`) makes `accelerate launch` export `PARALLELISM_CONFIG_*` and
+`ACCELERATE_USE_PARALLELISM_CONFIG=true` (accelerate/utils/launch.py). The job reads them into `parallel.tp`,
+`parallel.dp_shard` and `parallel.dp_replicate` before the config is checked, so the run's config records
+the layout it ran at; a `parallel.*` override that says otherwise is refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig
+
+from train.config import ConfigError
+from train.init_from import overridden_fields
+
+SIZES = {"tp": "TP_SIZE", "dp_shard": "DP_SHARD_SIZE", "dp_replicate": "DP_REPLICATE_SIZE"}
+
+
+def accelerate_layout() -> dict[str, int] | None:
+    """`{tp, dp_shard, dp_replicate}` from accelerate's parallelism config, or None without one."""
+    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() != "true":
+        return None
+    return {name: int(os.environ.get(f"PARALLELISM_CONFIG_{key}", "1")) for name, key in SIZES.items()}
+
+
+def apply_accelerate_layout(cfg: DictConfig, overrides: list[str]) -> None:
+    """Put accelerate's layout into `cfg.parallel` (in place); nothing to do without one.
+
+    Raises:
+        ConfigError: an explicit `parallel.*` override contradicts it (named).
+    """
+    layout = accelerate_layout()
+    if layout is None:
+        return
+    given = overridden_fields(overrides, "parallel")
+    conflicts = [
+        f"parallel.{name} = {cfg.parallel[name]} (accelerate's config: {value})"
+        for name, value in layout.items()
+        if name in given and cfg.parallel[name] not in (value, None)
+    ]
+    if conflicts:
+        raise ConfigError(f"accelerate's parallelism_config sets the layout; drop {', '.join(conflicts)}")
+    for name, value in layout.items():
+        cfg.parallel[name] = value
+
+
+def check_same_layout(mesh, world_size: int) -> None:
+    """accelerate's device mesh (`dp_replicate, dp_shard, cp, sp, tp`, sizes-1 dimensions left out) must put the
+    ranks where ours do, row-major in the same order: our TP and DP groups are then accelerate's, and its
+    `torch_device_mesh` can be handed to code that expects it.
+
+    Raises:
+        ConfigError: it does not (a layout this job cannot honour, e.g. context parallelism).
+    """
+    extra = [name for name in mesh.mesh_dim_names if name not in ("dp_replicate", "dp_shard", "tp")]
+    if extra or mesh.mesh.flatten().tolist() != list(range(world_size)):
+        raise ConfigError(
+            f"accelerate's device mesh {mesh} is not a (dp_replicate, dp_shard, tp) layout of ranks 0..{world_size - 1}"
+            f" in order{f' (it has {extra}: not supported)' if extra else ''}"
+        )
