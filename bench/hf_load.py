@@ -5,7 +5,9 @@
 
 Writes a random Llama-layout checkpoint with `save_pretrained`, then loads it in fresh processes:
   from_pretrained    tp=1 and tp=2 (torchrun): each rank reads only its slices (`safetensors` get_slice)
-  full then shard    tp=2: every rank reads the whole file, then keeps its shard (what `GPT.load` does)
+  full then shard    tp=2: every rank reads the whole file, then keeps its shard (what `GPT.load` did)
+  seed_init          tp=2: no checkpoint: the training job's fresh model (one seed, the same logical weights
+                     at every tp: each full parameter is drawn, then sliced)
 Memory is the process's anonymous resident memory (RSS minus file-backed pages: the safetensors file is
 memory-mapped, and its pages are the page cache's, not the process's), sampled every 2 ms during the load;
 the figure is its peak minus the value before loading. Results: `--out` (default outputs/bench/) gets
@@ -56,7 +58,9 @@ class PeakSampler:
 
 
 def measure(directory: Path, how: str) -> dict:
-    """One rank's load (`how`: from_pretrained | full_then_shard); its row."""
+    """One rank's load (`how`: from_pretrained | full_then_shard | seed_init, the training job's fresh model:
+    one seed, the same logical weights at every tp); its row."""
+    from tp_attention.hf import read_config
     from tp_attention.model import GPT
     from tp_attention.state_dict import load_full_state_dict
 
@@ -68,6 +72,9 @@ def measure(directory: Path, how: str) -> dict:
     with PeakSampler() as sampler:
         if how == "from_pretrained":
             model = GPT.from_pretrained(directory, tp_group=group)
+        elif how == "seed_init":
+            torch.manual_seed(0)
+            model = GPT.from_config(read_config(directory), tp_group=group)
         else:
             full = GPT.from_pretrained(directory)  # the whole model on every rank first
             model = GPT.from_config(full.config, tp_group=group)
@@ -134,11 +141,12 @@ def main() -> None:
             *run_load(Path(tmp), "from_pretrained", 1),
             *run_load(Path(tmp), "from_pretrained", 2),
             *run_load(Path(tmp), "full_then_shard", 2),
+            *run_load(Path(tmp), "seed_init", 2),
         ]
     tp1 = rows[0]["peak_growth"]
     print(f"model: {model_bytes / 2**20:.0f} MiB of fp32 parameters")
     print(f"{'load':<16} {'tp':>2} {'rank':>4} {'shard MiB':>9} {'peak growth MiB':>15} {'vs tp=1':>7}")
-    for row, tp in zip(rows, (1, 2, 2, 2, 2), strict=True):
+    for row, tp in zip(rows, (1, *[2] * (len(rows) - 1)), strict=True):
         row["tp"] = tp
         print(
             f"{row['how']:<16} {tp:>2} {row['rank']:>4} {row['local_param_bytes'] / 2**20:>9.0f} "
