@@ -46,12 +46,7 @@ def save_attention_grid(
         ax.set_yticks(range(seq), labels=list(tokens), fontsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_loss_plot(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
@@ -75,9 +70,14 @@ def save_curves(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (making the folder) and close `fig`; returns the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
