@@ -207,6 +207,26 @@ def test_fsdp2_shards_the_state_and_its_checkpoints_load_at_other_layouts(workdi
 
 
 @pytest.mark.slow
+def test_a_dp_shard2_x_tp2_checkpoint_resumes_at_every_layout_and_back(workdir, single):
+    """(dp_replicate, dp_shard, tp) = (1, 2, 2) -> (1, 1, 1), (2, 1, 1), (1, 4, 1), (1, 1, 2), and back."""
+    overrides = ["trainer.max_steps=10", "trainer.batch_size=8"]
+    train(workdir, "fsdp2xtp2", [*overrides, "parallel.dp_shard=2", "parallel.tp=2"], 4)
+    assert_same_curve(losses(workdir, "fsdp2xtp2"), single, "dp_shard=2 x tp=2")
+    step5 = workdir / "runs" / "fsdp2xtp2" / "checkpoints" / "step_5"
+    for name, layout, nproc in [
+        ("to_111", [], 1),
+        ("to_211", ["parallel.dp_replicate=2"], 2),
+        ("to_141", ["parallel.dp_shard=4"], 4),
+        ("to_112", ["parallel.tp=2"], 2),
+    ]:
+        train(workdir, name, [*overrides, f"trainer.resume={step5}", *layout], nproc)
+        assert_same_curve(losses(workdir, name), single, f"(1, 2, 2) checkpoint resumed at {layout or 'one process'}")
+    step5 = workdir / "runs" / "single" / "checkpoints" / "step_5"
+    train(workdir, "to_122", [*overrides, f"trainer.resume={step5}", "parallel.dp_shard=2", "parallel.tp=2"], 4)
+    assert_same_curve(losses(workdir, "to_122"), single, "one-process checkpoint resumed at (1, 2, 2)")
+
+
+@pytest.mark.slow
 def test_dp2_tp2_agrees_with_the_single_process_run(workdir, single):
     train(workdir, "dp2_tp2", ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.tp=2"], 4)
     assert_same_curve(losses(workdir, "dp2_tp2"), single, "dp2_tp2")
