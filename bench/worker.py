@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from bench.nanogpt import NanoGPT, parallelize_with_dtensor
+from tp_attention.checkpointing import MODES, apply_activation_checkpointing
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (GPT-2: 50304, padded)")
+    parser.add_argument("--activation-checkpointing", choices=MODES, default="none", help="ours: recompute blocks")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -175,6 +177,8 @@ def main() -> None:
     tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
     sequence_parallel = args.variant == "ours_sp"
     model = build(args.variant, args.shape, tp_group, mesh, sequence_parallel, args.vocab).to(device)
+    if args.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     _, _, _, seq, batch = SHAPES[args.shape]
@@ -226,6 +230,7 @@ def main() -> None:
         "dtype": args.dtype,
         "ranks": world,
         "compiled": args.compile,
+        "activation_checkpointing": args.activation_checkpointing,
         "first_step_s": first_step_s,
         "threads": torch.get_num_threads(),
         "device": device.type,

@@ -152,3 +152,12 @@ def test_hf_load_benchmark_measures_each_rank(tmp_path):
     ] * 2 + [("seed_init", 2)] * 2
     assert 0.49 < rows[1]["local_param_bytes"] / rows[0]["local_param_bytes"] < 0.51  # norms are replicated
     assert "peak growth MiB" in done.stdout
+
+
+def test_checkpointing_benchmark_reports_each_mode(tmp_path):
+    command = [sys.executable, "-m", "bench.checkpointing", "--shape", "tiny", "--tp", "1", "--steps", "1"]
+    done = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = {r["activation_checkpointing"]: r for r in json.loads((tmp_path / "checkpointing.json").read_text())["rows"]}
+    assert list(rows) == ["none", "full", "selective"]
+    assert rows["full"]["activation_mib"] < rows["selective"]["activation_mib"] < rows["none"]["activation_mib"]
