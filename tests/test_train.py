@@ -197,7 +197,6 @@ def test_fsdp2_shards_the_state_and_its_checkpoints_load_at_other_layouts(workdi
         run: json.loads((workdir / "runs" / run / "run.json").read_text())["memory"] for run in ("single", "fsdp2")
     }
     assert 0.49 < memory["fsdp2"]["parameters"] / memory["single"]["parameters"] < 0.52
-    assert memory["fsdp2"]["optimizer"] == 2 * memory["fsdp2"]["parameters"]
     step5 = workdir / "runs" / "fsdp2" / "checkpoints" / "step_5"
     train(workdir, "fsdp2_to_1", [*overrides, f"trainer.resume={step5}"])
     assert_same_curve(losses(workdir, "fsdp2_to_1"), single, "FSDP2 checkpoint resumed in one process")

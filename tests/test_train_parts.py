@@ -180,7 +180,7 @@ def test_the_memory_report_counts_this_rank_s_tensors_and_checkpointed_blocks():
     half = layout_report(cfg, 2, micro_batch=4, seq_len=16)
     assert full["parameters"] == 4 * GPT(**CASES["llama"]).num_parameters(exclude_position_embeddings=False)
     assert 0.5 <= half["parameters"] / full["parameters"] < 0.52  # the norms are replicated
-    assert half["optimizer"] == 2 * half["parameters"] and half["activations"] < full["activations"]
+    assert half["activations"] < full["activations"]
     model = GPT(**CASES["llama"])
     plain = memory_report(model, 4, 16, 1)["activations"]
     apply_activation_checkpointing(model, "full")

@@ -78,6 +78,11 @@ class ModelConfig(GPTConfig):
         """GPTConfig's rules, named as in the config; vocab_size None means the tokenizer's."""
         _as_config_error(check_gpt, self, prefix="model.", vocab_size_optional=True)
 
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        """The model this config describes (`init_from` is where its weights come from, not its shape)."""
+        shape = {f.name: getattr(self, f.name) for f in fields(GPTConfig)}
+        return GPTConfig(**{**shape, "vocab_size": vocab_size})
+
 
 @dataclass
 class DataConfig:

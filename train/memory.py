@@ -84,8 +84,7 @@ def main() -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    shape = {k: v for k, v in vars(m).items() if k != "init_from"}
-    model_cfg = GPTConfig(**{**shape, "vocab_size": m.vocab_size or 256})
+    model_cfg = m.gpt_config(m.vocab_size or 256)  # null: the byte tokenizer's
     micro = t.micro_batch or micro
     mode, every = t.activation_checkpointing, t.activation_checkpointing_every
     report = layout_report(model_cfg, p.tp, micro, t.seq_len, mode, every, p.dp_shard)

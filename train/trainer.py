@@ -41,7 +41,7 @@ from tp_attention.flops import flops_per_token
 from tp_attention.fsdp import data_parallel_mesh, gathered, local, shard_data_parallel
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.hf import load_weights
-from tp_attention.model import GPT, GPTConfig
+from tp_attention.model import GPT
 from train import checkpoint, faults
 from train.config import ConfigError, TrainConfig, batch_layout, data_parallel_layout
 from train.data import check_activation_memory, eval_batches, prepare_data, step_batch
@@ -216,8 +216,7 @@ class Trainer:
         vocab = m.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
-        shape = {k: v for k, v in asdict(m).items() if k != "init_from"}
-        self.model_config = GPTConfig(**{**shape, "vocab_size": vocab})
+        self.model_config = m.gpt_config(vocab)
         mode, every = t.activation_checkpointing, t.activation_checkpointing_every
         recomputed = sum(is_recomputed(i, mode, every) for i in range(m.num_layers))
         check_activation_memory(
