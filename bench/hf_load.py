@@ -6,8 +6,6 @@
 Writes a random Llama-layout checkpoint with `save_pretrained`, then loads it in fresh processes:
   from_pretrained    tp=1 and tp=2 (torchrun): each rank reads only its slices (`safetensors` get_slice)
   full then shard    tp=2: every rank reads the whole file, then keeps its shard (what `GPT.load` did)
-  seed_init          tp=2: no checkpoint: the training job's fresh model (one seed, the same logical weights
-                     at every tp: each full parameter is drawn, then sliced)
 Memory is the process's anonymous resident memory (RSS minus file-backed pages: the safetensors file is
 memory-mapped, and its pages are the page cache's, not the process's), sampled every 2 ms during the load;
 the figure is its peak minus the value before loading. Results: `--out` (default outputs/bench/) gets
@@ -58,9 +56,8 @@ class PeakSampler:
 
 
 def measure(directory: Path, how: str) -> dict:
-    """One rank's load (`how`: from_pretrained | full_then_shard | seed_init, the training job's fresh model:
-    one seed, the same logical weights at every tp); its row."""
-    from tp_attention.hf import read_config
+    """One rank's load (`how`: from_pretrained | full_then_shard); its row. (The training job's fresh init,
+    from no checkpoint, is `bench.init`'s.)"""
     from tp_attention.model import GPT
     from tp_attention.state_dict import load_full_state_dict
 
@@ -72,9 +69,6 @@ def measure(directory: Path, how: str) -> dict:
     with PeakSampler() as sampler:
         if how == "from_pretrained":
             model = GPT.from_pretrained(directory, tp_group=group)
-        elif how == "seed_init":
-            torch.manual_seed(0)
-            model = GPT.from_config(read_config(directory), tp_group=group)
         else:
             full = GPT.from_pretrained(directory)  # the whole model on every rank first
             model = GPT.from_config(full.config, tp_group=group)
@@ -141,7 +135,6 @@ def main() -> None:
             *run_load(Path(tmp), "from_pretrained", 1),
             *run_load(Path(tmp), "from_pretrained", 2),
             *run_load(Path(tmp), "full_then_shard", 2),
-            *run_load(Path(tmp), "seed_init", 2),
         ]
     tp1 = rows[0]["peak_growth"]
     print(f"model: {model_bytes / 2**20:.0f} MiB of fp32 parameters")

@@ -149,7 +149,7 @@ def test_hf_load_benchmark_measures_each_rank(tmp_path):
     rows = json.loads((tmp_path / "hf_load.json").read_text())["rows"]
     assert [(r["how"], r["tp"]) for r in rows] == [("from_pretrained", 1)] + [("from_pretrained", 2)] * 2 + [
         ("full_then_shard", 2)
-    ] * 2 + [("seed_init", 2)] * 2
+    ] * 2
     assert 0.49 < rows[1]["local_param_bytes"] / rows[0]["local_param_bytes"] < 0.51  # norms are replicated
     assert "peak growth MiB" in done.stdout
 
@@ -161,3 +161,15 @@ def test_checkpointing_benchmark_reports_each_mode(tmp_path):
     rows = {r["activation_checkpointing"]: r for r in json.loads((tmp_path / "checkpointing.json").read_text())["rows"]}
     assert list(rows) == ["none", "full", "selective"]
     assert rows["full"]["activation_mib"] < rows["selective"]["activation_mib"] < rows["none"]["activation_mib"]
+
+
+@pytest.mark.slow  # a benchmark's plumbing; the init itself is tests/test_init.py's
+def test_init_benchmark_measures_each_layout(tmp_path):
+    command = [sys.executable, "-m", "bench.init", "--model", "tiny", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "init.json").read_text())["rows"]
+    assert [(r["tp"], r["dp_shard"]) for r in rows] == [(1, 1), (2, 1), (2, 1), (2, 2), (2, 2), (2, 2), (2, 2)]
+    whole = rows[0]["local_param_bytes"]
+    assert all(0.2 < r["local_param_bytes"] / whole < 0.3 for r in rows[3:])  # a quarter: norms are replicated
+    assert all(r["peak_growth"] > 0 and r["draw_seconds"] > 0 for r in rows)

@@ -3,15 +3,15 @@
     ColumnParallelLinear   Y_local = X @ W_local^T + b_local     W: [out / tp, in]
     RowParallelLinear      Y = g(X_local @ W_local^T) + b       W: [out, in / tp]
 
-Initialisation does not depend on tp: every rank draws the *full* weight from the same generator
-and keeps its slice, so one seed gives the same logical layer at tp = 1, 2, 4, ...
+Initialisation does not depend on tp: every rank draws the *full* weight from the same generator,
+chunk by chunk, and keeps its slice (`tp_attention.init`), so one seed gives the same logical layer at
+tp = 1, 2, 4, ...
 `ShardSpec` records how each parameter is sliced; `tp_attention.state_dict` uses it to gather
 and scatter full tensors.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.distributed import Group, check_group, process_group, tp_rank, tp_size
+from tp_attention.init import fill_, linear_inits
 from tp_attention.mappings import (
     all_reduce_in_place,
     gather_from_sp,
@@ -65,28 +66,6 @@ class ShardSpec:
     def trim(self, padded: torch.Tensor) -> torch.Tensor:
         """The logical tensor from the concatenated (padded) shards."""
         return padded if self.full_size is None else padded.narrow(self.dim, 0, self.full_size)
-
-
-def init_full_weight(
-    out_features: int,
-    in_features: int,
-    std: float | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full `[out, in]` weight and `[out]` bias drawn from `generator` (default RNG if None).
-
-    `std=None` gives nn.Linear's default (uniform in ±1/sqrt(in) for both); otherwise
-    weight ~ N(0, std) and bias = 0 (GPT-2 / nanoGPT).
-    """
-    weight = torch.empty(out_features, in_features)
-    bias = torch.zeros(out_features)
-    if std is None:
-        bound = 1.0 / math.sqrt(in_features)
-        weight.uniform_(-bound, bound, generator=generator)
-        bias.uniform_(-bound, bound, generator=generator)
-    else:
-        weight.normal_(0.0, std, generator=generator)
-    return weight, bias
 
 
 class _SumGradOverReplicas(torch.autograd.Function):
@@ -231,12 +210,17 @@ class ColumnParallelLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.tp_group, self.gather_output = tp_group, gather_output
+        self.init_std = init_std
         spec = ShardSpec(dim=0, num_shards=num_shards)
         self.tp_shards = {"weight": spec, "bias": spec}
-        weight, full_bias = init_full_weight(out_features, in_features, init_std, generator)
-        rank = tp_rank(tp_group)
-        self.weight = nn.Parameter(spec.slice(weight, rank, tp).clone())
-        self.bias = nn.Parameter(spec.slice(full_bias, rank, tp).clone()) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features // num_shards, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features // num_shards)) if bias else None
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw the full weight and bias from `generator` (default: torch's global RNG) and keep this
+        rank's pieces; nothing is drawn on the meta device."""
+        _reset_linear(self, self.tp_shards["weight"], self.tp_shards["weight"], generator)
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias as the forward uses them (through the replica gradient sum if any)."""
@@ -317,11 +301,15 @@ class RowParallelLinear(nn.Module):
         check_divisible(check_int(in_features, "in_features"), "in_features", tp)
         self.in_features, self.out_features = in_features, out_features
         self.tp_group, self.input_is_parallel = tp_group, input_is_parallel
-        spec = ShardSpec(dim=1, num_shards=tp)
-        self.tp_shards = {"weight": spec}
-        weight, full_bias = init_full_weight(out_features, in_features, init_std, generator)
-        self.weight = nn.Parameter(spec.slice(weight, tp_rank(tp_group), tp).clone())
-        self.bias = nn.Parameter(full_bias) if bias else None
+        self.init_std = init_std
+        self.tp_shards = {"weight": ShardSpec(dim=1, num_shards=tp)}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """As ColumnParallelLinear's: the full weight drawn, this rank's columns kept; the bias whole."""
+        _reset_linear(self, self.tp_shards["weight"], None, generator)
 
     def forward(self, x: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         if tp_size(self.tp_group) == 1:
@@ -337,3 +325,17 @@ class RowParallelLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, tp_size={tp_size(self.tp_group)}"
         )
+
+
+def _reset_linear(
+    layer: ColumnParallelLinear | RowParallelLinear,
+    weight_spec: ShardSpec,
+    bias_spec: ShardSpec | None,
+    generator: torch.Generator | None,
+) -> None:
+    """Weight, then bias, drawn in full and sliced: nn.Linear's init, or N(0, init_std²) and zero bias."""
+    weight, bias = linear_inits(layer.in_features, layer.init_std)
+    rank, tp = tp_rank(layer.tp_group), tp_size(layer.tp_group)
+    fill_(layer.weight, (layer.out_features, layer.in_features), weight, weight_spec, rank, tp, generator)
+    if layer.bias is not None:
+        fill_(layer.bias, (layer.out_features,), bias, bias_spec, rank, tp, generator)

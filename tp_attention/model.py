@@ -28,12 +28,14 @@ from torch.utils.checkpoint import checkpoint
 
 from tp_attention.attention import KVCache, MultiHeadAttention
 from tp_attention.distributed import Group, check_group, tp_rank, tp_size
+from tp_attention.init import Init, fill_
 from tp_attention.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     SequenceParallelDropout,
     fused_column_parallel,
 )
+from tp_attention.rope import RotaryEmbedding
 from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel, mlp_hidden_size
 from tp_attention.state_dict import full_shapes, full_state_dict
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -250,7 +252,12 @@ class GPT(nn.Module):
         self._position_embeddings = None
         if cfg.position == "learned":
             self._position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.emb_size)
-            nn.init.normal_(self._position_embeddings.weight, 0.0, INIT_STD, generator=generator)
+            fill_(
+                self._position_embeddings.weight,
+                (cfg.max_seq_len, cfg.emb_size),
+                Init("normal", INIT_STD),
+                generator=generator,
+            )
         self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
         self._decoders = nn.ModuleList(Decoder(cfg, tp_group, generator) for _ in range(cfg.num_layers))
         self._norm = make_norm(cfg)
@@ -273,6 +280,24 @@ class GPT(nn.Module):
         """Build from a GPTConfig or a mapping of its fields (e.g. a Hydra config)."""
         values = asdict(cfg) if isinstance(cfg, GPTConfig) else dict(cfg)
         return cls(**values, tp_group=tp_group, generator=generator, sequence_parallel=sequence_parallel)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw every weight again from `generator`, in the constructor's order, so the same seed gives the
+        same numbers: after `to_empty`, this materialises a model built on the meta device (and perhaps
+        sharded there by `tp_attention.fsdp.shard_data_parallel`). Each rank draws the full tensors chunk
+        by chunk and keeps its pieces (`tp_attention.init`): no rank ever holds a whole parameter.
+        RoPE's computed buffer is recomputed too."""
+        for module in self.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+                module.reset_parameters(generator)
+            elif module is self._position_embeddings:
+                fill_(module.weight, tuple(module.weight.shape), Init("normal", INIT_STD), generator=generator)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                for param, value in ((module.weight, 1.0), (getattr(module, "bias", None), 0.0)):  # RMSNorm: none
+                    if param is not None:
+                        fill_(param, tuple(param.shape), Init("constant", value))
+            elif isinstance(module, RotaryEmbedding):
+                module.reset()
 
     @property
     def output_embeddings(self) -> VocabParallelEmbedding:

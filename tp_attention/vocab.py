@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention.distributed import Group, check_group, tp_rank, tp_size
+from tp_attention.init import Init, fill_
 from tp_attention.layers import ShardSpec, column_parallel_linear
 from tp_attention.mappings import all_reduce_in_place, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 
@@ -42,8 +43,23 @@ class VocabParallelEmbedding(nn.Module):
         self.local_vocab = spec.padded_size(vocab_size) // tp
         self.vocab_start = rank * self.local_vocab
         self.local_real = max(0, min(self.local_vocab, vocab_size - self.vocab_start))  # rows that are not pad
-        full = torch.empty(vocab_size, emb_size).normal_(0.0, init_std, generator=generator)
-        self.weight = nn.Parameter(spec.slice(full, rank, tp).clone())
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(self.local_vocab, emb_size))
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw the full `[vocab_size, emb_size]` N(0, init_std²) table from `generator`, chunk by chunk,
+        and keep this rank's rows (pad rows zero); nothing is drawn on the meta device."""
+        shape, spec = (self.vocab_size, self.emb_size), self.tp_shards["weight"]
+        fill_(
+            self.weight,
+            shape,
+            Init("normal", self.init_std),
+            spec,
+            tp_rank(self.tp_group),
+            tp_size(self.tp_group),
+            generator,
+        )
 
     def forward(self, ids: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         if tp_size(self.tp_group) == 1:

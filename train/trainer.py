@@ -234,19 +234,14 @@ class Trainer:
         )
 
     def _setup_model(self) -> None:
-        """The model (one seed: the same full weights on every rank, whatever the layout; or
-        `model.init_from`'s, each rank reading its slices), DDP, AdamW."""
-        o, p, init_from = self.conf.optim, self.conf.parallel, self.conf.model.init_from
-        torch.manual_seed(self.conf.trainer.seed)
-        with torch.device("meta" if init_from else "cpu"):
+        """The model, built on the meta device, then given this rank's pieces only: drawn from one seed (the
+        same logical weights at every layout; `tp_attention.init`) or read from `model.init_from`; FSDP2
+        or DDP; AdamW."""
+        o, p, t, init_from = self.conf.optim, self.conf.parallel, self.conf.trainer, self.conf.model.init_from
+        with torch.device("meta"):
             self.model = GPT.from_config(
                 self.model_config, tp_group=self.tp_group, sequence_parallel=p.sequence_parallel
             )
-        if init_from:
-            load_weights(self.model, Path(init_from).expanduser())
-            log.info("weights from %s", init_from)
-        self.model.to(self.device)
-        t = self.conf.trainer
         recomputed = apply_activation_checkpointing(
             self.model, t.activation_checkpointing, t.activation_checkpointing_every
         )
@@ -254,8 +249,17 @@ class Trainer:
             log.info(
                 "activation checkpointing: %d of %d blocks recompute in backward", recomputed, len(self.model._decoders)
             )
+        if init_from:
+            load_weights(self.model, Path(init_from).expanduser())  # this rank's TP slices
+            self.model.to(self.device)
+            log.info("weights from %s", init_from)
         if self.fsdp_mesh is not None:  # parameters, gradients and AdamW state: 1 / dp_shard of the TP shard
-            self.wrapped = shard_data_parallel(self.model, self.fsdp_mesh)
+            shard_data_parallel(self.model, self.fsdp_mesh)  # still on the meta device without init_from
+        if not init_from:  # each rank draws the full tensors chunk by chunk and keeps its pieces
+            self.model.to_empty(device=self.device)
+            self.model.reset_parameters(torch.Generator().manual_seed(t.seed))
+        if self.fsdp_mesh is not None:
+            self.wrapped = self.model
         elif self.dp_group is not None:
             self.wrapped = DistributedDataParallel(self.model, process_group=self.dp_group)
         else:

@@ -1,0 +1,119 @@
+"""Peak host memory per rank of the training job's fresh init, at tp=1, tp=2 and tp=2 x dp_shard=2.
+
+    python -m bench.init                        # model=gpt2 (124M parameters); about a minute on 2 cores
+    python -m bench.init --model llama_tiny     # any conf/model
+
+The job's own sequence: the model built on the meta device, FSDP2 applied there (dp_shard > 1), `to_empty`,
+then `reset_parameters(one seed)`: each rank draws every full tensor chunk by chunk (`tp_attention.init`)
+and keeps only its pieces. Each layout runs in fresh processes (torchrun); memory is the process's
+anonymous resident memory (bench.hf_load's sampler, every 2 ms), the figure its peak minus the value before
+building; time is the seconds to draw. Results: `--out` (default outputs/bench/) gets init.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bench.hf_load import PeakSampler, anonymous_bytes
+
+LAYOUTS = ((1, 1), (2, 1), (2, 2))  # (tp, dp_shard)
+
+
+def measure(model_name: str, tp: int, dp_shard: int) -> dict:
+    """This rank's row: local parameter bytes, peak growth while building and drawing, seconds to draw."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tp_attention.distributed import init_parallel_groups
+    from tp_attention.fsdp import data_parallel_mesh, local, shard_data_parallel
+    from tp_attention.init import CHUNK_NUMEL
+    from tp_attention.model import GPT
+    from train.config import CONF_DIR, register
+
+    register()
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        model_conf = OmegaConf.to_object(compose("config", overrides=[f"model={model_name}"])).model
+    cfg = model_conf.gpt_config(model_conf.vocab_size or 256)  # null: the byte tokenizer's
+    tp_group, mesh = None, None
+    if "WORLD_SIZE" in os.environ:
+        tp_group = init_parallel_groups(tp, "cpu").tp_group if tp > 1 else None
+        mesh = data_parallel_mesh("cpu", 1, dp_shard, tp) if dp_shard > 1 else None
+    before = anonymous_bytes()
+    with PeakSampler() as sampler:
+        with torch.device("meta"):
+            model = GPT.from_config(cfg, tp_group=tp_group)
+        if mesh is not None:
+            shard_data_parallel(model, mesh)
+        model.to_empty(device="cpu")
+        start = time.perf_counter()
+        model.reset_parameters(torch.Generator().manual_seed(0))
+        seconds = time.perf_counter() - start
+    with torch.device("meta"):
+        largest = max(p.numel() * p.element_size() for p in GPT.from_config(cfg).parameters())
+    row = {
+        "tp": tp,
+        "dp_shard": dp_shard,
+        "rank": dist.get_rank() if dist.is_initialized() else 0,
+        "local_param_bytes": sum(local(p).numel() * p.element_size() for p in model.parameters()),
+        "peak_growth": sampler.peak - before,
+        "draw_seconds": seconds,
+        "chunk_bytes": CHUNK_NUMEL * 4,
+        "largest_full_param_bytes": largest,
+    }
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return row
+
+
+def run_layout(model_name: str, tp: int, dp_shard: int) -> list[dict]:
+    """The rows of one layout, measured in fresh processes (torchrun when more than one rank)."""
+    args = ["-m", "bench.init", "--measure", model_name, "--tp", str(tp), "--dp-shard", str(dp_shard)]
+    world = tp * dp_shard
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, *launcher, *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200, check=True)
+    return sorted(
+        (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--dp-shard", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.tp, args.dp_shard)), flush=True)
+        return
+    rows = [row for tp, dp_shard in LAYOUTS for row in run_layout(args.model, tp, dp_shard)]
+    mib = 2**20
+    print(f"model={args.model}: largest full parameter {rows[0]['largest_full_param_bytes'] / mib:.0f} MiB, ", end="")
+    print(f"chunk {rows[0]['chunk_bytes'] / mib:.0f} MiB")
+    print(
+        f"{'tp':>2} {'dp_shard':>8} {'rank':>4} {'pieces MiB':>10} {'peak growth MiB':>15} {'over pieces':>11} {'s':>5}"
+    )
+    for r in rows:
+        over = (r["peak_growth"] - r["local_param_bytes"]) / mib
+        print(
+            f"{r['tp']:>2} {r['dp_shard']:>8} {r['rank']:>4} {r['local_param_bytes'] / mib:>10.0f} "
+            f"{r['peak_growth'] / mib:>15.0f} {over:>11.0f} {r['draw_seconds']:>5.1f}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "init.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
