@@ -34,14 +34,23 @@ def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int, tp: i
     return mesh["dp_shard"] if dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
 
 
-def shard_data_parallel(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+def shard_data_parallel(
+    model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None
+) -> nn.Module:
     """`fully_shard` each block (`model._decoders`), then the rest (embeddings, final norm, head) as the
-    root unit; returns `model`, now sharded in place."""
-    from torch.distributed.fsdp import fully_shard
+    root unit; returns `model`, now sharded in place (on the meta device too: materialise it after).
 
+    `param_dtype` (e.g. bf16): FSDP2's mixed precision. Each unit's parameters are all-gathered in that
+    dtype (half the bytes on the wire and in the gathered copy); gradients are reduce-scattered, and the
+    parameters and AdamW state kept, in fp32. Under autocast (the training job's `bf16`) ops that autocast
+    runs in fp32 (norms, softmax, the loss) still do; what changes is that weights reach them already rounded.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in model._decoders:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     return model
 
 

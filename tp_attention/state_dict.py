@@ -116,15 +116,18 @@ def dcp_state_dict(
     `mesh` is the `(dp, tp)` mesh (None in a single process: the tensors are returned as they are).
     A shard becomes `Shard(dim)` over tp (uneven for a padded vocabulary: only the real rows),
     everything else `Replicate()`; all are zero-copy views, so `dcp.load` fills the model in place.
-    Shards replicated on several ranks (KV heads when tp > num_kv_heads) are stored gathered in
-    full; call the returned `finish()` after `dcp.load` to copy their slices back.
+    An FSDP2 piece (this rank's rows of its TP shard) is described as such (`_fsdp_pieces`) and written
+    and read in place too, so saving never gathers a TP shard. Shards replicated on several ranks (KV
+    heads when tp > num_kv_heads), and FSDP2 pieces of a padded vocabulary, are stored gathered in full;
+    call the returned `finish()` after `dcp.load` to copy their slices back.
     """
-    tensors, finish_data_parallel = _unshard_for_load(tensors)
+    specs = sharded_parameters(model)
+    wrapped = _fsdp_pieces(tensors, specs, mesh)
+    tensors, finish_data_parallel = _unshard_for_load({n: t for n, t in tensors.items() if n not in wrapped})
     if mesh is None:
         return dict(tensors), finish_data_parallel
-    specs = sharded_parameters(model)
     replicate = [Replicate()] * mesh.ndim
-    wrapped, copy_back = {}, []
+    copy_back = []
     for name, local in tensors.items():
         if name not in specs:
             wrapped[name] = DTensor.from_local(local, mesh, replicate, run_check=False)
@@ -155,6 +158,43 @@ def dcp_state_dict(
         finish_data_parallel()
 
     return wrapped, finish
+
+
+def _fsdp_pieces(
+    tensors: Mapping[str, torch.Tensor], specs: Mapping[str, tuple[ShardSpec, Group]], mesh: DeviceMesh | None
+) -> dict[str, DTensor]:
+    """The FSDP2 DTensors of `tensors` as DCP DTensors of the logical tensor, each a zero-copy view of this
+    rank's piece, on a `(dp_replicate, tp, dp_shard)` view of `mesh`: a column-parallel parameter's rows are
+    split over tp first, then each TP shard's over dp_shard (`[Replicate(), Shard(dim), Shard(0)]`: FSDP2's
+    chunks are `torch.chunk`'s, as DTensor's). Left out (gathered instead): pieces of TP shards that are
+    replicated (num_shards < tp) or padded (a vocabulary tp does not divide), whose rows that cannot say."""
+    pieces = {n: t for n, t in tensors.items() if isinstance(t, DTensor) and t.placements[-1] == Shard(0)}
+    if mesh is None or not pieces:
+        return {}
+    shard = next(iter(pieces.values())).device_mesh.size(-1)
+    ranks = mesh.mesh.reshape(mesh.size(0) // shard, shard, mesh.size(1)).permute(0, 2, 1)
+    names = ("dp_replicate", "tp", "dp_shard")
+    view = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=names, _init_backend=False)  # DCP needs no groups
+    out = {}
+    for name, tensor in pieces.items():
+        spec, group = specs.get(name, (None, None))
+        shape = list(tensor.shape)  # the TP shard's
+        if spec is not None:
+            tp = tp_size(group)
+            padded = spec.full_size is not None and spec.padded_size(spec.full_size) != spec.full_size
+            if spec.num_shards < tp or padded:
+                continue
+            shape[spec.dim] *= tp
+        placements = [Replicate(), Replicate() if spec is None else Shard(spec.dim), Shard(0)]
+        out[name] = DTensor.from_local(
+            tensor.to_local(),
+            view,
+            placements,
+            run_check=False,
+            shape=torch.Size(shape),
+            stride=_contiguous_strides(shape),
+        )
+    return out
 
 
 def unshard_data_parallel(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""FSDP2 under TP (4 gloo processes): mixed precision gathers parameters in bf16 and reduces gradients in fp32,
+with the loss and gradients of the unsharded model under autocast to bf16 accuracy; DCP checkpoints are written
+from each rank's own piece, without gathering, and load in one process bitwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
+
+from tests.helpers import CASES, gpt_batch
+from tp_attention import full_grads, load_full_state_dict
+from tp_attention.distributed import init_parallel_groups
+from tp_attention.fsdp import data_parallel_mesh, shard_data_parallel
+from tp_attention.model import GPT
+from tp_attention.state_dict import dcp_state_dict
+from tp_attention.testing import assert_close, run_processes
+
+CFG = dict(CASES["llama"], num_layers=2)
+BF16 = dict(rtol=3e-2, atol=3e-3)
+
+
+def autocast_loss_and_grads(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, targets)
+    loss.backward()
+    return loss.detach().float(), full_grads(model)
+
+
+def sharded_in_bf16(rank, world, state, idx, targets):
+    groups = init_parallel_groups(2, "cpu")
+    model = GPT(**CFG, tp_group=groups.tp_group)
+    load_full_state_dict(model, state)
+    shard_data_parallel(model, data_parallel_mesh("cpu", 1, 2, 2), param_dtype=torch.bfloat16)
+    seen = []
+    model._decoders[0]._heads.register_forward_pre_hook(lambda module, args: seen.append(module._q.weight.dtype))
+    dp = dist.get_rank(groups.dp_group)
+    loss, grads = autocast_loss_and_grads(model, idx[dp::2], targets[dp::2])  # this DP rank's half of the batch
+    dist.all_reduce(loss, group=groups.dp_group)
+    kept = {(p.dtype, p.grad.dtype, type(p.grad)) for p in model.parameters()}
+    return loss / 2, grads, seen, kept
+
+
+def test_fsdp2_gathers_parameters_in_bf16_and_reduces_gradients_in_fp32():
+    reference = GPT(**CFG, generator=torch.Generator().manual_seed(0))
+    idx, targets = gpt_batch(CFG, batch=4)
+    losses = [reference(idx[i::2], targets[i::2]) for i in range(2)]  # the mean of the two halves' losses
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_loss = sum(reference(idx[i::2], targets[i::2]) for i in range(2)).float() / 2
+    (sum(losses) / 2).backward()
+    del losses
+    state = {n: t.detach() for n, t in reference.state_dict().items()}
+    for rank, (loss, grads, seen, kept) in enumerate(run_processes(4, sharded_in_bf16, state, idx, targets)):
+        assert seen == [torch.bfloat16], rank  # the gathered weights the block computes with
+        assert kept == {(torch.float32, torch.float32, DTensor)}, rank  # the sharded parameters and gradients
+        assert_close(loss, expected_loss, **BF16, what=f"rank {rank} loss")
+        for name, param in reference.named_parameters():
+            assert_close(grads[name], param.grad, **BF16, what=f"rank {rank} {name}")
+
+
+def save_from_pieces(rank, world, cfg, directory):
+    groups = init_parallel_groups(2, "cpu")
+    with torch.device("meta"):
+        model = GPT(**cfg, tp_group=groups.tp_group)
+    shard_data_parallel(model, data_parallel_mesh("cpu", 1, 2, 2))
+    model.to_empty(device="cpu")
+    model.reset_parameters(torch.Generator().manual_seed(0))
+    ours = model.state_dict()
+    state, _ = dcp_state_dict(model, ours, groups.mesh)
+    dcp.save(state, checkpoint_id=directory)
+    return {n for n, t in state.items() if t.to_local().data_ptr() == ours[n].to_local().data_ptr()}
+
+
+@pytest.mark.parametrize("vocab", [64, 65])  # 65: tp=2 pads the vocabulary, so its pieces are gathered
+def test_a_dcp_checkpoint_is_written_from_the_fsdp2_pieces_and_loads_in_one_process(tmp_path, vocab):
+    cfg = dict(CFG, vocab_size=vocab)
+    in_place = run_processes(4, save_from_pieces, cfg, str(tmp_path))
+    expected = GPT(**cfg, generator=torch.Generator().manual_seed(0)).state_dict()
+    embeddings = {"_token_embeddings.weight", "_lm_head.weight"}
+    assert all(names == set(expected) - (embeddings if vocab == 65 else set()) for names in in_place)
+    model = GPT(**cfg)
+    state, finish = dcp_state_dict(model, model.state_dict(), None)
+    dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
+    finish()
+    assert all(torch.equal(model.state_dict()[n], expected[n]) for n in expected)
