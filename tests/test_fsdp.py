@@ -4,6 +4,8 @@ from each rank's own piece, without gathering, and load in one process bitwise."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +19,7 @@ from tp_attention.fsdp import data_parallel_mesh, shard_data_parallel
 from tp_attention.model import GPT
 from tp_attention.state_dict import dcp_state_dict
 from tp_attention.testing import assert_close, run_processes
+from train.layout import prepare
 
 CFG = dict(CASES["llama"], num_layers=2)
 BF16 = dict(rtol=3e-2, atol=3e-3)
@@ -85,3 +88,37 @@ def test_a_dcp_checkpoint_is_written_from_the_fsdp2_pieces_and_loads_in_one_proc
     dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
     finish()
     assert all(torch.equal(model.state_dict()[n], expected[n]) for n in expected)
+
+
+def through_accelerate(rank, world, cfg):
+    from accelerate import Accelerator
+    from accelerate.accelerator import DistributedType
+
+    # accelerate 1.15 takes a ParallelismConfig only on its multi-device path, which leaves out MULTI_CPU
+    # (Accelerator.multi_device, accelerator.py:659): count CPU processes in, and its GPU code runs here
+    Accelerator.multi_device = property(lambda self: self.distributed_type == DistributedType.MULTI_CPU)
+    sizes = dict(TP_SIZE="2", DP_SHARD_SIZE="2", DP_REPLICATE_SIZE="1")
+    os.environ.update(
+        {f"PARALLELISM_CONFIG_{k}": v for k, v in sizes.items()}, ACCELERATE_USE_PARALLELISM_CONFIG="true"
+    )
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    groups = init_parallel_groups(2, "cpu")
+    accelerator = Accelerator(cpu=True)
+    model = GPT(**cfg, tp_group=groups.tp_group)
+    shard_data_parallel(model, data_parallel_mesh("cpu", 1, 2, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    params = list(model.parameters())
+    prepared, prepared_optimizer = prepare(accelerator, model, optimizer, 2)
+    kept = (
+        getattr(prepared, "_is_accelerate_prepared", False),  # set at the end of accelerate's prepare_model
+        prepared is model,
+        all(a is b for a, b in zip(params, prepared.parameters(), strict=True)),
+        all(a is b for a, b in zip(params, prepared_optimizer.optimizer.param_groups[0]["params"], strict=True)),
+    )
+    return accelerator.torch_device_mesh.mesh_dim_names, kept
+
+
+def test_accelerate_prepare_takes_the_fsdp2_x_tp_model_and_optimizer_as_they_are():
+    for names, kept in run_processes(4, through_accelerate, CFG):
+        assert names == ("dp_shard", "tp")
+        assert kept == (True, True, True, True)  # prepared, not wrapped in DDP, the same parameters, optimizer on them

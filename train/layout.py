@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 
+import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from train.config import ConfigError
 from train.init_from import overridden_fields
@@ -61,3 +63,19 @@ def check_same_layout(mesh, world_size: int) -> None:
             f"accelerate's device mesh {mesh} is not a (dp_replicate, dp_shard, tp) layout of ranks 0..{world_size - 1}"
             f" in order{f' (it has {extra}: not supported)' if extra else ''}"
         )
+
+
+def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, tp: int):
+    """`accelerator.prepare` of what accelerate can take as it is: `(model, optimizer)`, prepared.
+
+    With a parallelism config (accelerate's multi-GPU path) the model goes through too, its TP shards intact:
+    accelerate 1.15 wraps nothing when the model's `tp_size` is the config's (accelerator.py:1903-1913), and
+    `_prepare_tp` (1581-1655) maps the optimizer to the same parameters (DTensors under our FSDP2; plain ones
+    under DDP, which it skips with a warning). Without one it would wrap the model in DDP over all ranks
+    (accelerator.py:2058-2060 on CPU, 1883-1900 on GPUs) and destroy the TP shards, so only the optimizer
+    goes through; on CPU accelerate never has one (parallelism_config.py:390-397 refuses MULTI_CPU).
+    """
+    if accelerator.parallelism_config is None:
+        return model, accelerator.prepare(optimizer)
+    model.tp_size = tp  # what accelerate's get_model_tp_size reads
+    return accelerator.prepare(model, optimizer)

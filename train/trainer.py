@@ -7,9 +7,9 @@
     trainer.train()                           the loop: steps, then logging, evaluation, checkpoints when due
     trainer.finish()                          export, sample, loss plot
 
-Layout: our own `(dp, tp)` mesh; the model's TP layers use the tp group, DDP syncs gradients over
-the dp group only (accelerate's `prepare(model)` would wrap DDP over *all* ranks and destroy the
-shards, so only the optimizer goes through accelerate). Every TP rank of a group sees the same
+Layout: our own `(dp, tp)` mesh; the model's TP layers use the tp group, DDP (or FSDP2) syncs gradients
+over the dp group only (accelerate's `prepare(model)` without a parallelism config would wrap DDP over
+*all* ranks and destroy the shards, so then only the optimizer goes through accelerate). Every TP rank of a group sees the same
 batch; DP ranks see their share of one global batch that depends only on (seed, step).
 Each step ends in one tiny all-reduce that tells every rank whether any rank saw a bad step (skip the
 update: `train.guard`) or a stop signal (save and stop: `train.preemption`).
@@ -48,7 +48,7 @@ from train.data import check_activation_memory, eval_batches, prepare_data, step
 from train.flops import measure_peak_flops, mfu
 from train.guard import DivergenceGuard
 from train.identity import experiment
-from train.layout import accelerate_layout, check_same_layout
+from train.layout import accelerate_layout, check_same_layout, prepare
 from train.lock import RunLock
 from train.memory import describe as describe_memory
 from train.memory import memory_report
@@ -254,7 +254,8 @@ class Trainer:
             self.model.to(self.device)
             log.info("weights from %s", init_from)
         if self.fsdp_mesh is not None:  # parameters, gradients and AdamW state: 1 / dp_shard of the TP shard
-            shard_data_parallel(self.model, self.fsdp_mesh)  # still on the meta device without init_from
+            bf16 = torch.bfloat16 if t.mixed_precision == "bf16" else None  # gathered in bf16, reduced in fp32
+            shard_data_parallel(self.model, self.fsdp_mesh, param_dtype=bf16)  # on meta without init_from
         if not init_from:  # each rank draws the full tensors chunk by chunk and keeps its pieces
             self.model.to_empty(device=self.device)
             self.model.reset_parameters(torch.Generator().manual_seed(t.seed))
@@ -272,7 +273,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **implementation
         )
-        self.optimizer = self.accelerator.prepare(optimizer)
+        # accelerate takes the model only where it leaves its TP shards alone (train.layout.prepare); our TP-aware
+        # clipping (tp_attention.grad_norm) and DCP checkpoints (train.checkpoint) stay in charge, because
+        # accelerate's clip_grad_norm_ and save_state do not know plain TP shards
+        self.wrapped, self.optimizer = prepare(self.accelerator, self.wrapped, optimizer, p.tp)
         if self.conf.trainer.compile:
             self.wrapped = torch.compile(self.wrapped, backend=self.conf.trainer.compile_backend)
         self._start_trackers()
