@@ -57,7 +57,7 @@ class PeakSampler:
 
 def measure(directory: Path, how: str) -> dict:
     """One rank's load (`how`: from_pretrained | full_then_shard); its row. (The training job's fresh init,
-    from no checkpoint, is `bench.init`'s.)"""
+    from no checkpoint, is `bench.sharded_memory`'s.)"""
     from tp_attention.model import GPT
     from tp_attention.state_dict import load_full_state_dict
 

@@ -164,12 +164,12 @@ def test_checkpointing_benchmark_reports_each_mode(tmp_path):
 
 
 @pytest.mark.slow  # a benchmark's plumbing; the init itself is tests/test_init.py's
-def test_init_benchmark_measures_each_layout(tmp_path):
-    command = [sys.executable, "-m", "bench.init", "--model", "tiny", "--out", str(tmp_path)]
+def test_sharded_memory_benchmark_measures_each_layout(tmp_path):
+    command = [sys.executable, "-m", "bench.sharded_memory", "--model", "tiny", "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    rows = json.loads((tmp_path / "init.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "sharded_memory.json").read_text())["rows"]
     assert [(r["tp"], r["dp_shard"]) for r in rows] == [(1, 1), (2, 1), (2, 1), (2, 2), (2, 2), (2, 2), (2, 2)]
     whole = rows[0]["local_param_bytes"]
     assert all(0.2 < r["local_param_bytes"] / whole < 0.3 for r in rows[3:])  # a quarter: norms are replicated
-    assert all(r["peak_growth"] > 0 and r["draw_seconds"] > 0 for r in rows)
+    assert all(r["peak_growth"] > 0 and r["draw_seconds"] > 0 and r["save_peak_growth"] >= 0 for r in rows)

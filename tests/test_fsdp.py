@@ -13,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
 from tests.helpers import CASES, gpt_batch
-from tp_attention import full_grads, load_full_state_dict
+from tp_attention import full_grads, full_state_dict, load_full_state_dict
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.fsdp import data_parallel_mesh, shard_data_parallel
 from tp_attention.model import GPT
@@ -63,26 +63,38 @@ def test_fsdp2_gathers_parameters_in_bf16_and_reduces_gradients_in_fp32():
             assert_close(grads[name], param.grad, **BF16, what=f"rank {rank} {name}")
 
 
-def save_from_pieces(rank, world, cfg, directory):
-    groups = init_parallel_groups(2, "cpu")
+def sharded_model(cfg, groups, seed):
     with torch.device("meta"):
         model = GPT(**cfg, tp_group=groups.tp_group)
     shard_data_parallel(model, data_parallel_mesh("cpu", 1, 2, 2))
     model.to_empty(device="cpu")
-    model.reset_parameters(torch.Generator().manual_seed(0))
+    model.reset_parameters(torch.Generator().manual_seed(seed))
+    return model
+
+
+def save_from_pieces(rank, world, cfg, directory):
+    """Save at dp_shard=2 x tp=2, then load into a model of other weights at that layout: its full state."""
+    groups = init_parallel_groups(2, "cpu")
+    model = sharded_model(cfg, groups, 0)
     ours = model.state_dict()
     state, _ = dcp_state_dict(model, ours, groups.mesh)
     dcp.save(state, checkpoint_id=directory)
-    return {n for n, t in state.items() if t.to_local().data_ptr() == ours[n].to_local().data_ptr()}
+    in_place = {n for n, t in state.items() if t.to_local().data_ptr() == ours[n].to_local().data_ptr()}
+    other = sharded_model(cfg, groups, 1)
+    state, finish = dcp_state_dict(other, other.state_dict(), groups.mesh)
+    dcp.load(state, checkpoint_id=directory)
+    finish()
+    return in_place, full_state_dict(other)
 
 
-@pytest.mark.parametrize("vocab", [64, 65])  # 65: tp=2 pads the vocabulary, so its pieces are gathered
+@pytest.mark.parametrize("vocab", [64, 65])  # 65: tp=2 pads the vocabulary (FSDP2 splits its columns)
 def test_a_dcp_checkpoint_is_written_from_the_fsdp2_pieces_and_loads_in_one_process(tmp_path, vocab):
     cfg = dict(CFG, vocab_size=vocab)
-    in_place = run_processes(4, save_from_pieces, cfg, str(tmp_path))
+    results = run_processes(4, save_from_pieces, cfg, str(tmp_path))
     expected = GPT(**cfg, generator=torch.Generator().manual_seed(0)).state_dict()
-    embeddings = {"_token_embeddings.weight", "_lm_head.weight"}
-    assert all(names == set(expected) - (embeddings if vocab == 65 else set()) for names in in_place)
+    for in_place, reloaded in results:
+        assert in_place == set(expected)  # every tensor written from the rank's own piece
+        assert all(torch.equal(reloaded[n], expected[n]) for n in expected)  # and read back into it
     model = GPT(**cfg)
     state, finish = dcp_state_dict(model, model.state_dict(), None)
     dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 
 def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int, tp: int) -> DeviceMesh:
@@ -39,6 +39,8 @@ def shard_data_parallel(
 ) -> nn.Module:
     """`fully_shard` each block (`model._decoders`), then the rest (embeddings, final norm, head) as the
     root unit; returns `model`, now sharded in place (on the meta device too: materialise it after).
+    Parameters are split along dim 0, vocabulary tables along dim 1 (the embedding): a padded
+    vocabulary's real rows then stay whole in every piece, so a checkpoint can say where each piece lies.
 
     `param_dtype` (e.g. bf16): FSDP2's mixed precision. Each unit's parameters are all-gathered in that
     dtype (half the bytes on the wire and in the gathered copy); gradients are reduce-scattered, and the
@@ -47,10 +49,18 @@ def shard_data_parallel(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    from tp_attention.vocab import VocabParallelEmbedding
+
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, VocabParallelEmbedding)}
+    options = dict(
+        mesh=mesh,
+        reshard_after_forward=reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None),
+        shard_placement_fn=lambda param: Shard(1) if id(param) in tables else Shard(0),
+    )
     for block in model._decoders:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 

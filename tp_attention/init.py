@@ -78,12 +78,12 @@ def fill_(
 ) -> None:
     """Draw the `full_shape` tensor from `generator` chunk by chunk and copy this rank's piece into
     `param`: TP chunk `spec.index(tp_rank, tp)` along `spec.dim` (all of it without a spec; rows past
-    `full_shape[0]`, a padded vocabulary's, are zero), and of that only the local rows of an FSDP2 DTensor.
+    `full_shape[0]`, a padded vocabulary's, are zero), and of that only the local piece of an FSDP2 DTensor.
     On the meta device nothing is drawn."""
-    piece, first = param, 0  # `first`: the piece's first row within the TP shard
+    piece, offset = param, (0,) * param.dim()  # the piece's offset within the TP shard
     if isinstance(param, DTensor):
         piece = param.to_local()
-        first = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)[1][0]
+        offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)[1]
     if piece.is_meta:
         return
     with torch.no_grad():
@@ -91,12 +91,14 @@ def fill_(
             piece.fill_(init.value)
             return
         piece.zero_()
-        rows, columns = first, None  # the piece's first logical row; its logical columns (dim-1 shards)
+        rows, columns = offset[0], None  # the piece's first logical row; its logical columns (2-D)
+        if piece.dim() > 1:
+            first = offset[1]
+            if spec is not None and spec.dim == 1:
+                first += spec.index(tp_rank, tp) * (full_shape[1] // spec.num_shards)
+            columns = slice(first, first + piece.size(1))
         if spec is not None and spec.dim == 0:
             rows += spec.index(tp_rank, tp) * (spec.padded_size(full_shape[0]) // spec.num_shards)
-        elif spec is not None:
-            width = full_shape[1] // spec.num_shards
-            columns = slice(spec.index(tp_rank, tp) * width, (spec.index(tp_rank, tp) + 1) * width)
         end = rows + piece.size(0)
         row_numel = math.prod(full_shape[1:])
         step, start = rows_per_chunk(row_numel), 0

@@ -116,10 +116,10 @@ def dcp_state_dict(
     `mesh` is the `(dp, tp)` mesh (None in a single process: the tensors are returned as they are).
     A shard becomes `Shard(dim)` over tp (uneven for a padded vocabulary: only the real rows),
     everything else `Replicate()`; all are zero-copy views, so `dcp.load` fills the model in place.
-    An FSDP2 piece (this rank's rows of its TP shard) is described as such (`_fsdp_pieces`) and written
+    An FSDP2 piece (this rank's part of its TP shard) is described as such (`_fsdp_pieces`) and written
     and read in place too, so saving never gathers a TP shard. Shards replicated on several ranks (KV
-    heads when tp > num_kv_heads), and FSDP2 pieces of a padded vocabulary, are stored gathered in full;
-    call the returned `finish()` after `dcp.load` to copy their slices back.
+    heads when tp > num_kv_heads) are stored gathered in full; call the returned `finish()` after
+    `dcp.load` to copy their slices back.
     """
     specs = sharded_parameters(model)
     wrapped = _fsdp_pieces(tensors, specs, mesh)
@@ -164,11 +164,12 @@ def _fsdp_pieces(
     tensors: Mapping[str, torch.Tensor], specs: Mapping[str, tuple[ShardSpec, Group]], mesh: DeviceMesh | None
 ) -> dict[str, DTensor]:
     """The FSDP2 DTensors of `tensors` as DCP DTensors of the logical tensor, each a zero-copy view of this
-    rank's piece, on a `(dp_replicate, tp, dp_shard)` view of `mesh`: a column-parallel parameter's rows are
-    split over tp first, then each TP shard's over dp_shard (`[Replicate(), Shard(dim), Shard(0)]`: FSDP2's
-    chunks are `torch.chunk`'s, as DTensor's). Left out (gathered instead): pieces of TP shards that are
-    replicated (num_shards < tp) or padded (a vocabulary tp does not divide), whose rows that cannot say."""
-    pieces = {n: t for n, t in tensors.items() if isinstance(t, DTensor) and t.placements[-1] == Shard(0)}
+    rank's piece, on a `(dp_replicate, tp, dp_shard)` view of `mesh`: `[Replicate(), TP placement, FSDP2
+    placement]`. When both split dim 0 (a column-parallel weight), the rows go over tp first and then each
+    TP shard's over dp_shard, which is the order of that view's dims; FSDP2's chunks are `torch.chunk`'s, as
+    DTensor's. A padded vocabulary (FSDP2 splits it along dim 1) gives only its real rows. Left out, to be
+    gathered: pieces of TP shards replicated on several ranks (num_shards < tp)."""
+    pieces = {n: t for n, t in tensors.items() if isinstance(t, DTensor)}
     if mesh is None or not pieces:
         return {}
     shard = next(iter(pieces.values())).device_mesh.size(-1)
@@ -178,18 +179,20 @@ def _fsdp_pieces(
     out = {}
     for name, tensor in pieces.items():
         spec, group = specs.get(name, (None, None))
-        shape = list(tensor.shape)  # the TP shard's
+        shape, local, tp_placement = list(tensor.shape), tensor.to_local(), Replicate()  # shape: the TP shard's
         if spec is not None:
-            tp = tp_size(group)
-            padded = spec.full_size is not None and spec.padded_size(spec.full_size) != spec.full_size
-            if spec.num_shards < tp or padded:
+            tp, rank = tp_size(group), tp_rank(group)
+            if spec.num_shards < tp:
                 continue
-            shape[spec.dim] *= tp
-        placements = [Replicate(), Replicate() if spec is None else Shard(spec.dim), Shard(0)]
+            tp_placement, rows = Shard(spec.dim), shape[spec.dim]
+            shape[spec.dim] = spec.full_size or rows * tp
+            real = max(0, min(rows, shape[spec.dim] - rank * rows))  # rows past the vocabulary are padding
+            if real < rows:
+                local = local.narrow(spec.dim, 0, real)
         out[name] = DTensor.from_local(
-            tensor.to_local(),
+            local,
             view,
-            placements,
+            [Replicate(), tp_placement, tensor.placements[-1]],
             run_check=False,
             shape=torch.Size(shape),
             stride=_contiguous_strides(shape),

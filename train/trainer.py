@@ -9,8 +9,8 @@
 
 Layout: our own `(dp, tp)` mesh; the model's TP layers use the tp group, DDP (or FSDP2) syncs gradients
 over the dp group only (accelerate's `prepare(model)` without a parallelism config would wrap DDP over
-*all* ranks and destroy the shards, so then only the optimizer goes through accelerate). Every TP rank of a group sees the same
-batch; DP ranks see their share of one global batch that depends only on (seed, step).
+*all* ranks and destroy the shards, so then only the optimizer goes through accelerate). Every TP rank of a
+group sees the same batch; DP ranks see their share of one global batch that depends only on (seed, step).
 Each step ends in one tiny all-reduce that tells every rank whether any rank saw a bad step (skip the
 update: `train.guard`) or a stop signal (save and stop: `train.preemption`).
 """

@@ -1,13 +1,16 @@
-"""Peak host memory per rank of the training job's fresh init, at tp=1, tp=2 and tp=2 x dp_shard=2.
+"""Peak host memory per rank of the training job's fresh init and of a checkpoint save, at tp=1, tp=2 and
+tp=2 x dp_shard=2.
 
-    python -m bench.init                        # model=gpt2 (124M parameters); about a minute on 2 cores
-    python -m bench.init --model llama_tiny     # any conf/model
+    python -m bench.sharded_memory                      # model=gpt2 (124M parameters); a minute on 2 cores
+    python -m bench.sharded_memory --model llama_tiny   # any conf/model
 
-The job's own sequence: the model built on the meta device, FSDP2 applied there (dp_shard > 1), `to_empty`,
-then `reset_parameters(one seed)`: each rank draws every full tensor chunk by chunk (`tp_attention.init`)
-and keeps only its pieces. Each layout runs in fresh processes (torchrun); memory is the process's
-anonymous resident memory (bench.hf_load's sampler, every 2 ms), the figure its peak minus the value before
-building; time is the seconds to draw. Results: `--out` (default outputs/bench/) gets init.json.
+Init is the job's own sequence: the model built on the meta device, FSDP2 applied there (dp_shard > 1),
+`to_empty`, then `reset_parameters(one seed)`: each rank draws every full tensor chunk by chunk
+(`tp_attention.init`) and keeps only its pieces. Save is the job's DCP state (parameters and both AdamW
+moments, `train.checkpoint`) written with `dcp.save`: under FSDP2 from each rank's pieces. Each layout runs
+in fresh processes (torchrun); memory is the process's anonymous resident memory (bench.hf_load's sampler,
+every 2 ms), each figure its peak minus the value before that phase; time is the seconds to draw.
+Results: `--out` (default outputs/bench/) gets sharded_memory.json.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +33,9 @@ LAYOUTS = ((1, 1), (2, 1), (2, 2))  # (tp, dp_shard)
 
 
 def measure(model_name: str, tp: int, dp_shard: int) -> dict:
-    """This rank's row: local parameter bytes, peak growth while building and drawing, seconds to draw."""
+    """This rank's row: local parameter bytes, peak growth while building and drawing, seconds to draw, and
+    peak growth while saving a checkpoint of the parameters and AdamW moments."""
+    import torch.distributed.checkpoint as dcp
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -37,15 +43,17 @@ def measure(model_name: str, tp: int, dp_shard: int) -> dict:
     from tp_attention.fsdp import data_parallel_mesh, local, shard_data_parallel
     from tp_attention.init import CHUNK_NUMEL
     from tp_attention.model import GPT
+    from train.checkpoint import _state, init_optimizer_state
     from train.config import CONF_DIR, register
 
     register()
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         model_conf = OmegaConf.to_object(compose("config", overrides=[f"model={model_name}"])).model
     cfg = model_conf.gpt_config(model_conf.vocab_size or 256)  # null: the byte tokenizer's
-    tp_group, mesh = None, None
+    tp_group, mesh, groups = None, None, None
     if "WORLD_SIZE" in os.environ:
-        tp_group = init_parallel_groups(tp, "cpu").tp_group if tp > 1 else None
+        groups = init_parallel_groups(tp, "cpu")
+        tp_group = groups.tp_group if tp > 1 else None
         mesh = data_parallel_mesh("cpu", 1, dp_shard, tp) if dp_shard > 1 else None
     before = anonymous_bytes()
     with PeakSampler() as sampler:
@@ -59,6 +67,14 @@ def measure(model_name: str, tp: int, dp_shard: int) -> dict:
         seconds = time.perf_counter() - start
     with torch.device("meta"):
         largest = max(p.numel() * p.element_size() for p in GPT.from_config(cfg).parameters())
+    optimizer = torch.optim.AdamW(model.parameters())
+    init_optimizer_state(optimizer, 1)
+    with tempfile.TemporaryDirectory() as directory:
+        before_save = anonymous_bytes()
+        with PeakSampler() as save_sampler:
+            state, _ = _state(model, optimizer, groups.mesh if groups else None)
+            dcp.save(state, checkpoint_id=directory, no_dist=groups is None)
+        del state
     row = {
         "tp": tp,
         "dp_shard": dp_shard,
@@ -66,6 +82,7 @@ def measure(model_name: str, tp: int, dp_shard: int) -> dict:
         "local_param_bytes": sum(local(p).numel() * p.element_size() for p in model.parameters()),
         "peak_growth": sampler.peak - before,
         "draw_seconds": seconds,
+        "save_peak_growth": save_sampler.peak - before_save,
         "chunk_bytes": CHUNK_NUMEL * 4,
         "largest_full_param_bytes": largest,
     }
@@ -76,7 +93,7 @@ def measure(model_name: str, tp: int, dp_shard: int) -> dict:
 
 def run_layout(model_name: str, tp: int, dp_shard: int) -> list[dict]:
     """The rows of one layout, measured in fresh processes (torchrun when more than one rank)."""
-    args = ["-m", "bench.init", "--measure", model_name, "--tp", str(tp), "--dp-shard", str(dp_shard)]
+    args = ["-m", "bench.sharded_memory", "--measure", model_name, "--tp", str(tp), "--dp-shard", str(dp_shard)]
     world = tp * dp_shard
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -102,17 +119,17 @@ def main() -> None:
     mib = 2**20
     print(f"model={args.model}: largest full parameter {rows[0]['largest_full_param_bytes'] / mib:.0f} MiB, ", end="")
     print(f"chunk {rows[0]['chunk_bytes'] / mib:.0f} MiB")
-    print(
-        f"{'tp':>2} {'dp_shard':>8} {'rank':>4} {'pieces MiB':>10} {'peak growth MiB':>15} {'over pieces':>11} {'s':>5}"
-    )
+    header = f"{'tp':>2} {'dp_shard':>8} {'rank':>4} {'pieces MiB':>10} {'init peak MiB':>13} {'over pieces':>11}"
+    print(f"{header} {'draw s':>6} {'save peak MiB':>13}")
     for r in rows:
         over = (r["peak_growth"] - r["local_param_bytes"]) / mib
         print(
             f"{r['tp']:>2} {r['dp_shard']:>8} {r['rank']:>4} {r['local_param_bytes'] / mib:>10.0f} "
-            f"{r['peak_growth'] / mib:>15.0f} {over:>11.0f} {r['draw_seconds']:>5.1f}"
+            f"{r['peak_growth'] / mib:>13.0f} {over:>11.0f} {r['draw_seconds']:>6.1f} "
+            f"{r['save_peak_growth'] / mib:>13.0f}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "init.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+    (args.out / "sharded_memory.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
