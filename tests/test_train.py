@@ -124,6 +124,12 @@ def single(workdir) -> list[float]:
     return losses(workdir, "single")
 
 
+@pytest.fixture(scope="module")
+def single_20_steps(workdir) -> list[float]:
+    train(workdir, "single_20", ["trainer.max_steps=20", "trainer.batch_size=8"])
+    return losses(workdir, "single_20")
+
+
 def test_single_process_run_writes_every_output(workdir, single):
     run = workdir / "runs" / "single"
     for name in (
@@ -179,11 +185,13 @@ FOUR_RANKS = [name for name, (_, nproc) in LAYOUT_RUNS.items() if nproc == 4]
     "layout",
     [pytest.param(name, marks=pytest.mark.slow) if name in FOUR_RANKS else name for name in LAYOUT_RUNS],
 )
-def test_layouts_agree_with_the_single_process_run(workdir, single, layout):
+def test_layouts_agree_with_the_single_process_run(workdir, request, layout):
+    """10-step curves; 20 for the four-rank FSDP2 layouts (slow), against a 20-step single-process run."""
     overrides, nproc = LAYOUT_RUNS[layout]
-    overrides = ["trainer.max_steps=10", "trainer.batch_size=8", *overrides]
-    train(workdir, layout, overrides, nproc)
-    assert_same_curve(losses(workdir, layout), single, layout)
+    steps = 20 if layout in FOUR_RANKS else 10
+    reference = request.getfixturevalue("single" if steps == 10 else "single_20_steps")
+    train(workdir, layout, [f"trainer.max_steps={steps}", "trainer.batch_size=8", *overrides], nproc)
+    assert_same_curve(losses(workdir, layout), reference, layout)
 
 
 def test_fsdp2_shards_the_state_and_its_checkpoints_load_at_other_layouts(workdir, single):
