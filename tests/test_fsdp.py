@@ -87,13 +87,18 @@ def save_from_pieces(rank, world, cfg, directory):
     return in_place, full_state_dict(other)
 
 
-@pytest.mark.parametrize("vocab", [64, 65])  # 65: tp=2 pads the vocabulary (FSDP2 splits its columns)
-def test_a_dcp_checkpoint_is_written_from_the_fsdp2_pieces_and_loads_in_one_process(tmp_path, vocab):
-    cfg = dict(CFG, vocab_size=vocab)
+@pytest.mark.parametrize(
+    "vocab, emb",
+    [(64, 48), (65, 48), (65, 45)],  # 65: tp=2 pads the vocabulary; 45: dp_shard=2 must split its table's rows
+)
+def test_a_dcp_checkpoint_is_written_from_the_fsdp2_pieces_and_loads_in_one_process(tmp_path, vocab, emb):
+    cfg = dict(CFG, vocab_size=vocab, emb_size=emb)
     results = run_processes(4, save_from_pieces, cfg, str(tmp_path))
     expected = GPT(**cfg, generator=torch.Generator().manual_seed(0)).state_dict()
-    for in_place, reloaded in results:
-        assert in_place == set(expected)  # every tensor written from the rank's own piece
+    for rank, (in_place, reloaded) in enumerate(results):
+        padded_rows_split = (vocab, emb) == (65, 45) and rank % 2 == 1  # TP rank 1 holds the pad row
+        gathered = {"_token_embeddings.weight", "_lm_head.weight"} if padded_rows_split else set()
+        assert in_place == set(expected) - gathered  # written from the rank's own piece (or gathered)
         assert all(torch.equal(reloaded[n], expected[n]) for n in expected)  # and read back into it
     model = GPT(**cfg)
     state, finish = dcp_state_dict(model, model.state_dict(), None)
@@ -102,25 +107,25 @@ def test_a_dcp_checkpoint_is_written_from_the_fsdp2_pieces_and_loads_in_one_proc
     assert all(torch.equal(model.state_dict()[n], expected[n]) for n in expected)
 
 
-def through_accelerate(rank, world, cfg):
+def through_accelerate(rank, world, cfg, tp):
     from accelerate import Accelerator
     from accelerate.accelerator import DistributedType
 
     # accelerate 1.15 takes a ParallelismConfig only on its multi-device path, which leaves out MULTI_CPU
     # (Accelerator.multi_device, accelerator.py:659): count CPU processes in, and its GPU code runs here
     Accelerator.multi_device = property(lambda self: self.distributed_type == DistributedType.MULTI_CPU)
-    sizes = dict(TP_SIZE="2", DP_SHARD_SIZE="2", DP_REPLICATE_SIZE="1")
+    sizes = dict(TP_SIZE=str(tp), DP_SHARD_SIZE=str(world // tp), DP_REPLICATE_SIZE="1")
     os.environ.update(
         {f"PARALLELISM_CONFIG_{k}": v for k, v in sizes.items()}, ACCELERATE_USE_PARALLELISM_CONFIG="true"
     )
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    groups = init_parallel_groups(2, "cpu")
+    groups = init_parallel_groups(tp, "cpu")
     accelerator = Accelerator(cpu=True)
-    model = GPT(**cfg, tp_group=groups.tp_group)
-    shard_data_parallel(model, data_parallel_mesh("cpu", 1, 2, 2))
+    model = GPT(**cfg, tp_group=groups.tp_group if tp > 1 else None)
+    shard_data_parallel(model, data_parallel_mesh("cpu", 1, world // tp, tp))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     params = list(model.parameters())
-    prepared, prepared_optimizer = prepare(accelerator, model, optimizer, 2)
+    prepared, prepared_optimizer = prepare(accelerator, model, optimizer, tp)
     kept = (
         getattr(prepared, "_is_accelerate_prepared", False),  # set at the end of accelerate's prepare_model
         prepared is model,
@@ -130,7 +135,10 @@ def through_accelerate(rank, world, cfg):
     return accelerator.torch_device_mesh.mesh_dim_names, kept
 
 
-def test_accelerate_prepare_takes_the_fsdp2_x_tp_model_and_optimizer_as_they_are():
-    for names, kept in run_processes(4, through_accelerate, CFG):
-        assert names == ("dp_shard", "tp")
-        assert kept == (True, True, True, True)  # prepared, not wrapped in DDP, the same parameters, optimizer on them
+@pytest.mark.parametrize("tp", [2, 1])
+def test_accelerate_prepare_takes_the_fsdp2_x_tp_model_and_optimizer_as_they_are(tp):
+    """tp=2: accelerate prepares the model without wrapping it. tp=1: accelerate would wrap it in DDP over all
+    ranks (its TP branch is off), so only the optimizer goes through."""
+    for names, kept in run_processes(4, through_accelerate, CFG, tp):
+        assert names == (("dp_shard", "tp") if tp == 2 else ("dp_shard",))
+        assert kept == (tp == 2, True, True, True)  # prepared?, not wrapped, the same parameters, optimizer on them

@@ -39,8 +39,9 @@ def shard_data_parallel(
 ) -> nn.Module:
     """`fully_shard` each block (`model._decoders`), then the rest (embeddings, final norm, head) as the
     root unit; returns `model`, now sharded in place (on the meta device too: materialise it after).
-    Parameters are split along dim 0, vocabulary tables along dim 1 (the embedding): a padded
-    vocabulary's real rows then stay whole in every piece, so a checkpoint can say where each piece lies.
+    Parameters are split along dim 0, vocabulary tables along dim 1 (the embedding) when dp_shard divides
+    it (FSDP2 splits other dims only evenly): a padded vocabulary's real rows then stay whole in every
+    piece, so a checkpoint can say where each piece lies (else it gathers them).
 
     `param_dtype` (e.g. bf16): FSDP2's mixed precision. Each unit's parameters are all-gathered in that
     dtype (half the bytes on the wire and in the gathered copy); gradients are reduce-scattered, and the
@@ -51,7 +52,10 @@ def shard_data_parallel(
 
     from tp_attention.vocab import VocabParallelEmbedding
 
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, VocabParallelEmbedding)}
+    shard = mesh.size(-1)  # dp_shard
+    tables = {
+        id(m.weight) for m in model.modules() if isinstance(m, VocabParallelEmbedding) and m.emb_size % shard == 0
+    }
     options = dict(
         mesh=mesh,
         reshard_after_forward=reshard_after_forward,

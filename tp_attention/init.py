@@ -44,7 +44,7 @@ class Init:
     value: float
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-        out = torch.empty(shape)
+        out = torch.empty(shape, device="cpu")  # the CPU generator's numbers, whatever the default device
         if self.kind == "normal":
             return out.normal_(0.0, self.value, generator=generator)
         if self.kind == "uniform":
@@ -62,7 +62,8 @@ def linear_inits(in_features: int, std: float | None) -> tuple[Init, Init]:
 
 
 def rows_per_chunk(row_numel: int) -> int:
-    """Rows of `row_numel` numbers drawn at a time: about `CHUNK_NUMEL` numbers, a multiple of 16."""
+    """Rows of `row_numel` numbers drawn at a time: about `CHUNK_NUMEL` numbers (at least 16 / gcd(row_numel,
+    16) rows), a multiple of 16."""
     step = 16 // math.gcd(row_numel, 16)
     return max(step, CHUNK_NUMEL // row_numel // step * step)
 

@@ -220,7 +220,7 @@ class ColumnParallelLinear(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Draw the full weight and bias from `generator` (default: torch's global RNG) and keep this
         rank's pieces; nothing is drawn on the meta device."""
-        _reset_linear(self, self.tp_shards["weight"], self.tp_shards["weight"], generator)
+        _reset_linear(self, self.tp_shards["weight"], self.tp_shards["bias"], generator)
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias as the forward uses them (through the replica gradient sum if any)."""

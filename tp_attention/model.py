@@ -251,7 +251,8 @@ class GPT(nn.Module):
         )
         self._position_embeddings = None
         if cfg.position == "learned":
-            self._position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.emb_size)
+            table = torch.empty(cfg.max_seq_len, cfg.emb_size)  # given: nn.Embedding then draws nothing itself
+            self._position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.emb_size, _weight=table)
             fill_(
                 self._position_embeddings.weight,
                 (cfg.max_seq_len, cfg.emb_size),

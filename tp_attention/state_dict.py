@@ -167,8 +167,10 @@ def _fsdp_pieces(
     rank's piece, on a `(dp_replicate, tp, dp_shard)` view of `mesh`: `[Replicate(), TP placement, FSDP2
     placement]`. When both split dim 0 (a column-parallel weight), the rows go over tp first and then each
     TP shard's over dp_shard, which is the order of that view's dims; FSDP2's chunks are `torch.chunk`'s, as
-    DTensor's. A padded vocabulary (FSDP2 splits it along dim 1) gives only its real rows. Left out, to be
-    gathered: pieces of TP shards replicated on several ranks (num_shards < tp)."""
+    DTensor's. A padded vocabulary split by FSDP2 along dim 1 gives only its real rows. Left out, to be
+    gathered: pieces of TP shards replicated on several ranks (num_shards < tp), and of a padded vocabulary
+    that FSDP2 split along its rows (its embedding dim not divisible by dp_shard). All pieces share one DP
+    mesh (`shard_data_parallel`'s)."""
     pieces = {n: t for n, t in tensors.items() if isinstance(t, DTensor)}
     if mesh is None or not pieces:
         return {}
@@ -187,6 +189,8 @@ def _fsdp_pieces(
             tp_placement, rows = Shard(spec.dim), shape[spec.dim]
             shape[spec.dim] = spec.full_size or rows * tp
             real = max(0, min(rows, shape[spec.dim] - rank * rows))  # rows past the vocabulary are padding
+            if real < rows and tensor.placements[-1] == Shard(spec.dim):
+                continue  # FSDP2 split those rows too: this piece's real ones are not a prefix of the shard's
             if real < rows:
                 local = local.narrow(spec.dim, 0, real)
         out[name] = DTensor.from_local(

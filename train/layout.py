@@ -73,9 +73,13 @@ def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, tp:
     `_prepare_tp` (1581-1655) maps the optimizer to the same parameters (DTensors under our FSDP2; plain ones
     under DDP, which it skips with a warning). Without one it would wrap the model in DDP over all ranks
     (accelerator.py:2058-2060 on CPU, 1883-1900 on GPUs) and destroy the TP shards, so only the optimizer
-    goes through; on CPU accelerate never has one (parallelism_config.py:390-397 refuses MULTI_CPU).
+    goes through; on CPU accelerate never has one (parallelism_config.py:390-397 refuses MULTI_CPU). A config
+    with tp_size 1 is the same as none: accelerate then takes its DDP branch (accelerator.py:1883). With
+    mixed precision, accelerate's prepare_model also runs the model's forward under autocast (every call,
+    generation included) and casts its outputs to fp32 (accelerator.py:1824-1830). Sets `model.tp_size`.
     """
-    if accelerator.parallelism_config is None:
+    config = accelerator.parallelism_config
+    if config is None or not config.tp_enabled:
         return model, accelerator.prepare(optimizer)
     model.tp_size = tp  # what accelerate's get_model_tp_size reads
     return accelerator.prepare(model, optimizer)

@@ -55,7 +55,7 @@ def layout_report(
 ) -> dict[str, int]:
     """The report of rank 0 at tp `tp`, from meta-device models (no memory used); with FSDP2 over
     `dp_shard` ranks, parameters, gradients and AdamW state are `1 / dp_shard` of that (FSDP2 pads each
-    parameter's rows to a multiple of dp_shard: at most one row per parameter more)."""
+    parameter's split dim to a multiple of dp_shard: at most one row, or column, per parameter more)."""
     from tp_attention.testing import run_threaded
 
     if tp == 1:
