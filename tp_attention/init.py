@@ -3,10 +3,10 @@
 One generator draws every parameter's full (logical) tensor, parameter after parameter, in chunks of
 rows (about 4 Mi numbers each); each rank copies only its piece out of each chunk: its TP shard (the
 parameter's `ShardSpec`) and, when FSDP2 has made the parameter a DTensor over the data-parallel mesh,
-its rows of that shard. So one seed gives the same logical weights at every (tp, dp_shard), and a rank
-holds its pieces plus one chunk, never a full tensor. The stream is sequential, so every rank still
-draws every number: init time grows with the whole model (about a second per 10^8 parameters on one
-CPU core), init memory does not.
+its rows (a vocabulary table's columns) of that shard. So one seed gives the same logical weights at
+every (tp, dp_shard), and a rank holds its pieces plus one chunk, never a full tensor. The stream is
+sequential, so every rank still draws every number: init time grows with the whole model (about a second
+per 10^8 parameters on one CPU core), init memory does not.
 
     with torch.device("meta"):
         model = GPT.from_config(cfg, tp_group=group)     # shapes only, nothing drawn
