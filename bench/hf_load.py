@@ -107,15 +107,26 @@ def write_checkpoint(directory: Path, layers: int, vocab: int) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def run_ranks(args: list[str], world: int) -> list[dict]:
+    """Run `python <args>` in fresh processes (torchrun when `world > 1`); each rank's row (`write_row`),
+    by rank. Rows travel in files: several ranks' stdout lines can interleave."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+    with tempfile.TemporaryDirectory() as rows:
+        env = dict(os.environ, OMP_NUM_THREADS="1", TP_BENCH_ROWS=rows)
+        done = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, env=env, timeout=1200)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return sorted((json.loads(f.read_text()) for f in Path(rows).glob("*.json")), key=lambda r: r["rank"])
+
+
+def write_row(row: dict) -> None:
+    """This rank's row, for `run_ranks`."""
+    (Path(os.environ["TP_BENCH_ROWS"]) / f"rank{row['rank']}.json").write_text(json.dumps(row))
+
+
 def run_load(directory: Path, how: str, tp: int) -> list[dict]:
     """The rows of a load in fresh processes (torchrun for tp > 1)."""
-    command = [sys.executable, "-m", "bench.hf_load", "--measure", str(directory), "--how", how]
-    if tp > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}"]
-        command = [*launcher, "-m", "bench.hf_load", *command[3:]]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200, check=True)
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return run_ranks(["-m", "bench.hf_load", "--measure", str(directory), "--how", how], tp)
 
 
 def main() -> None:
@@ -127,7 +138,7 @@ def main() -> None:
     parser.add_argument("--how", default="from_pretrained", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.how)), flush=True)
+        write_row(measure(args.measure, args.how))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_bytes = write_checkpoint(Path(tmp), args.layers, args.vocab)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.hf_load import PeakSampler, anonymous_bytes
+from bench.hf_load import PeakSampler, anonymous_bytes, run_ranks, write_row
 
 LAYOUTS = ((1, 1), (2, 1), (2, 2))  # (tp, dp_shard)
 
@@ -94,14 +92,7 @@ def measure(model_name: str, tp: int, dp_shard: int) -> dict:
 def run_layout(model_name: str, tp: int, dp_shard: int) -> list[dict]:
     """The rows of one layout, measured in fresh processes (torchrun when more than one rank)."""
     args = ["-m", "bench.sharded_memory", "--measure", model_name, "--tp", str(tp), "--dp-shard", str(dp_shard)]
-    world = tp * dp_shard
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, *launcher, *args]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200, check=True)
-    return sorted(
-        (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
-    )
+    return run_ranks(args, tp * dp_shard)
 
 
 def main() -> None:
@@ -113,7 +104,7 @@ def main() -> None:
     parser.add_argument("--dp-shard", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.tp, args.dp_shard)), flush=True)
+        write_row(measure(args.measure, args.tp, args.dp_shard))
         return
     rows = [row for tp, dp_shard in LAYOUTS for row in run_layout(args.model, tp, dp_shard)]
     mib = 2**20
