@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
 from tests.helpers import CASES, gpt_batch
+from tests.test_init import materialised
 from tp_attention import full_grads, full_state_dict, load_full_state_dict
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.fsdp import data_parallel_mesh, shard_data_parallel
@@ -63,24 +64,15 @@ def test_fsdp2_gathers_parameters_in_bf16_and_reduces_gradients_in_fp32():
             assert_close(grads[name], param.grad, **BF16, what=f"rank {rank} {name}")
 
 
-def sharded_model(cfg, groups, seed):
-    with torch.device("meta"):
-        model = GPT(**cfg, tp_group=groups.tp_group)
-    shard_data_parallel(model, data_parallel_mesh("cpu", 1, 2, 2))
-    model.to_empty(device="cpu")
-    model.reset_parameters(torch.Generator().manual_seed(seed))
-    return model
-
-
 def save_from_pieces(rank, world, cfg, directory):
     """Save at dp_shard=2 x tp=2, then load into a model of other weights at that layout: its full state."""
     groups = init_parallel_groups(2, "cpu")
-    model = sharded_model(cfg, groups, 0)
+    model = materialised(cfg, groups.tp_group, data_parallel_mesh("cpu", 1, 2, 2), seed=0)[0]
     ours = model.state_dict()
     state, _ = dcp_state_dict(model, ours, groups.mesh)
     dcp.save(state, checkpoint_id=directory)
     in_place = {n for n, t in state.items() if t.to_local().data_ptr() == ours[n].to_local().data_ptr()}
-    other = sharded_model(cfg, groups, 1)
+    other = materialised(cfg, groups.tp_group, data_parallel_mesh("cpu", 1, 2, 2), seed=1)[0]
     state, finish = dcp_state_dict(other, other.state_dict(), groups.mesh)
     dcp.load(state, checkpoint_id=directory)
     finish()

@@ -63,6 +63,12 @@ class ShardSpec:
             full = torch.cat([full, full.new_zeros(shape)], dim=self.dim)
         return full.chunk(self.num_shards, dim=self.dim)[self.index(rank, tp)]
 
+    def extent(self, local_size: int, rank: int, tp: int) -> tuple[int, int]:
+        """`(logical size along dim, how many of this rank's local_size entries are real)`: the ones past
+        `full_size` are padding. For `num_shards == tp`."""
+        full = self.full_size or local_size * tp
+        return full, max(0, min(local_size, full - rank * local_size))
+
     def trim(self, padded: torch.Tensor) -> torch.Tensor:
         """The logical tensor from the concatenated (padded) shards."""
         return padded if self.full_size is None else padded.narrow(self.dim, 0, self.full_size)

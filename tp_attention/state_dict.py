@@ -140,8 +140,7 @@ def dcp_state_dict(
             copy_back.append((full, spec, local, rank, tp))
             continue
         shape = list(local.shape)
-        shape[spec.dim] = spec.full_size or local.size(spec.dim) * tp
-        real = max(0, min(local.size(spec.dim), shape[spec.dim] - rank * local.size(spec.dim)))
+        shape[spec.dim], real = spec.extent(local.size(spec.dim), rank, tp)
         wrapped[name] = DTensor.from_local(
             local.narrow(spec.dim, 0, real),
             mesh,
@@ -187,8 +186,7 @@ def _fsdp_pieces(
             if spec.num_shards < tp:
                 continue
             tp_placement, rows = Shard(spec.dim), shape[spec.dim]
-            shape[spec.dim] = spec.full_size or rows * tp
-            real = max(0, min(rows, shape[spec.dim] - rank * rows))  # rows past the vocabulary are padding
+            shape[spec.dim], real = spec.extent(rows, rank, tp)  # rows past the vocabulary are padding
             if real < rows and tensor.placements[-1] == Shard(spec.dim):
                 continue  # FSDP2 split those rows too: this piece's real ones are not a prefix of the shard's
             if real < rows:

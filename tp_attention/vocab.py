@@ -42,7 +42,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_shards = {"weight": spec}
         self.local_vocab = spec.padded_size(vocab_size) // tp
         self.vocab_start = rank * self.local_vocab
-        self.local_real = max(0, min(self.local_vocab, vocab_size - self.vocab_start))  # rows that are not pad
+        self.local_real = spec.extent(self.local_vocab, rank, tp)[1]  # rows that are not pad
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(self.local_vocab, emb_size))
         self.reset_parameters(generator)

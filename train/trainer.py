@@ -259,12 +259,9 @@ class Trainer:
         if not init_from:  # each rank draws the full tensors chunk by chunk and keeps its pieces
             self.model.to_empty(device=self.device)
             self.model.reset_parameters(torch.Generator().manual_seed(t.seed))
-        if self.fsdp_mesh is not None:
-            self.wrapped = self.model
-        elif self.dp_group is not None:
+        self.wrapped = self.model  # FSDP2 (in place) or no data parallelism
+        if self.fsdp_mesh is None and self.dp_group is not None:
             self.wrapped = DistributedDataParallel(self.model, process_group=self.dp_group)
-        else:
-            self.wrapped = self.model
         self.memory = memory_report(self.model, self.micro_batch, t.seq_len, p.tp)
         log.info(describe_memory(self.memory))
         if self.is_main:
