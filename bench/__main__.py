@@ -43,7 +43,7 @@ from tqdm import tqdm
 from bench.worker import PROFILE_KINDS, SHAPES, gpt_config
 from tp_attention.flops import flops_per_token
 from tp_attention.model import GPT
-from train.flops import measure_peak_flops, mfu
+from train.reporting.flops import measure_peak_flops, mfu
 
 GOALS = {  # ratio of step times, {tp} filled in: {dtype: goal}
     "ours tp{tp} / dtensor tp{tp}": {"fp32": 0.75, "bf16": 0.75},

@@ -7,7 +7,7 @@ tp=2 x dp_shard=2.
 Init is the job's own sequence: the model built on the meta device, FSDP2 applied there (dp_shard > 1),
 `to_empty`, then `reset_parameters(one seed)`: each rank draws every full tensor chunk by chunk
 (`tp_attention.init`) and keeps only its pieces. Save is the job's DCP state (parameters and both AdamW
-moments, `train.checkpoint`) written with `dcp.save`: under FSDP2 from each rank's pieces. Each layout runs
+moments, `train.checkpoints.checkpoint`) written with `dcp.save`: under FSDP2 from each rank's pieces. Each layout runs
 in fresh processes (torchrun); memory is the process's anonymous resident memory (bench.hf_load's sampler,
 every 2 ms), each figure its peak minus the value before that phase; time is the seconds to draw.
 Results: `--out` (default outputs/bench/) gets sharded_memory.json.
@@ -41,7 +41,7 @@ def measure(model_name: str, tp: int, dp_shard: int) -> dict:
     from tp_attention.fsdp import data_parallel_mesh, local, shard_data_parallel
     from tp_attention.init import CHUNK_NUMEL
     from tp_attention.model import GPT
-    from train.checkpoint import _state, init_optimizer_state
+    from train.checkpoints.checkpoint import _state, init_optimizer_state
     from train.config import CONF_DIR, register
 
     register()

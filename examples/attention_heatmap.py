@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tp_attention import MultiHeadAttention
-from train.plots import save_attention_grid
+from train.reporting.plots import save_attention_grid
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from tp_attention.model import GPT, GPTConfig
-from train.plots import save_attention_grid
-from train.tokenizer import ByteTokenizer, load_tokenizer
+from train.data.tokenizer import ByteTokenizer, load_tokenizer
+from train.reporting.plots import save_attention_grid
 
 
 def main() -> None:

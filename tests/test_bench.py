@@ -104,7 +104,7 @@ def test_compiled_rows_get_their_own_ratios_and_label():
 
 def test_verdicts_say_when_a_ratio_is_inside_its_noise_and_mfu_is_never_over_100_percent(monkeypatch):
     from bench.__main__ import parse_args, verdict
-    from train.flops import mfu
+    from train.reporting.flops import mfu
 
     assert verdict(1.05, 0.02, 1.10) == "below goal"
     assert verdict(1.09, 0.02, 1.10) == "within noise"

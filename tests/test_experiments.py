@@ -15,8 +15,8 @@ import torch
 
 from tests.helpers import TINY_RUN, TORCHRUN, env_for, metrics, rank0_log, records, train
 from train.config import OptimConfig
-from train.identity import experiment
-from train.schedule import lr_at, schedule_warnings
+from train.run.identity import experiment
+from train.run.schedule import lr_at, schedule_warnings
 
 SWEEP = [
     *TINY_RUN,

@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tests.helpers import ROOT, env_for, rank0_log, train  # noqa: E402
-from train.tokenizer import BPETokenizer  # noqa: E402
+from train.data.tokenizer import BPETokenizer  # noqa: E402
 
 CORPUS = ["data.source=text", f"data.path={ROOT / 'tp_attention'}", "data.max_bytes=0"]
 

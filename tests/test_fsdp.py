@@ -20,7 +20,7 @@ from tp_attention.fsdp import data_parallel_mesh, shard_data_parallel
 from tp_attention.model import GPT
 from tp_attention.state_dict import dcp_state_dict
 from tp_attention.testing import assert_close, run_processes
-from train.layout import prepare
+from train.run.layout import prepare
 
 CFG = dict(CASES["llama"], num_layers=2)
 BF16 = dict(rtol=3e-2, atol=3e-3)

@@ -20,8 +20,8 @@ import torch
 from tests.helpers import TINY_RUN, TORCHRUN, assert_same_curve, env_for, metrics, rank0_log, records, train
 from tp_attention import MultiHeadAttention
 from tp_attention.model import GPT
-from train import checkpoint
-from train.identity import differences
+from train.checkpoints import checkpoint
+from train.run.identity import differences
 
 STEPS = ["trainer.max_steps=12", "trainer.batch_size=8", "trainer.checkpoint_interval=4"]
 
@@ -286,7 +286,7 @@ def test_bad_numbers_and_data_are_refused_up_front(workdir, tmp_path):
 
 
 def _in_validation(name: str) -> bool:
-    from train.data import _is_val
+    from train.data.corpus import _is_val
 
     return _is_val(name, 0.05)
 

@@ -11,9 +11,9 @@ import pytest
 
 from tests.helpers import CASES, ROOT, TORCHRUN, assert_same_curve, losses, metrics, rank0_log, train
 from tp_attention.model import GPT
-from train import checkpoint
+from train.checkpoints import checkpoint
 from train.config import ConfigError
-from train.run_dir import check_output_space
+from train.run.directory import check_output_space
 
 REFERENCE = ["trainer.max_steps=10", "trainer.batch_size=8"]
 

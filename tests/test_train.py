@@ -18,7 +18,7 @@ from tests.helpers import ROOT, TINY_RUN, assert_same_curve, env_for, free_port,
 from tp_attention.model import GPT
 from tp_attention.testing import assert_close
 from train.config import ConfigError, TrainConfig, register, validate
-from train.schedule import lr_at
+from train.run.schedule import lr_at
 
 
 def compose_config(overrides: list[str]) -> TrainConfig:

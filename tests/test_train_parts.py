@@ -15,9 +15,9 @@ from tp_attention.grad_norm import clip_grad_norm_, grad_norm
 from tp_attention.model import GPT
 from tp_attention.state_dict import dcp_state_dict
 from tp_attention.testing import assert_close, run_threaded
-from train import checkpoint
+from train.checkpoints import checkpoint
 from train.config import ConfigError, DataConfig
-from train.data import prepare_data, stdlib_files, step_batch, windows
+from train.data.corpus import prepare_data, stdlib_files, step_batch, windows
 
 
 def no_barrier() -> None:
@@ -173,7 +173,7 @@ def test_checkpoint_save_is_atomic_and_verified(tmp_path):
 
 def test_the_memory_report_counts_this_rank_s_tensors_and_checkpointed_blocks():
     from tp_attention.checkpointing import apply_activation_checkpointing
-    from train.memory import layout_report, memory_report
+    from train.reporting.memory import layout_report, memory_report
 
     cfg = GPT(**CASES["llama"]).config
     full = layout_report(cfg, 1, micro_batch=4, seq_len=16)

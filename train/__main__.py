@@ -34,7 +34,7 @@ JOBS: list[dict[str, Any]] = []  # the jobs of a sweep run in this process: over
 
 def fail_message(error: BaseException) -> tuple[int, str]:
     """The exit code and one-line message of an error a person can act on; (1, traceback) otherwise."""
-    from train.preemption import Preempted
+    from train.run.preemption import Preempted
 
     if isinstance(error, ConfigError):
         return 2, f"config error: {error}"

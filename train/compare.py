@@ -20,8 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from train.metrics import read_records
-from train.plots import save_curves
+from train.reporting.metrics import read_records
+from train.reporting.plots import save_curves
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

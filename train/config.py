@@ -199,7 +199,7 @@ def describe(section: Any, name: str) -> str:
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore and the `${run_id:}` resolver in OmegaConf."""
-    from train.identity import run_id, sweep_subdir
+    from train.run.identity import run_id, sweep_subdir
 
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id)

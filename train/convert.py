@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from train.checkpoints.sources import load_source
+from train.cli import command_errors
 from train.config import ConfigError
-from train.sources import command_errors, load_source
 
 FORMATS = ("hf", "export")
 

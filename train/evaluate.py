@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from train.checkpoints.sources import Source, load_source
+from train.cli import command_errors, dump, parallel_groups
 from train.config import ConfigError, DataConfig
-from train.data import documents, prepare_data
-from train.sources import Source, command_errors, dump, load_source, parallel_groups
+from train.data.corpus import documents, prepare_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

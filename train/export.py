@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from tp_attention.model import GPT, GPTConfig
-from train import checkpoint
+from train.checkpoints import checkpoint
 from train.config import ConfigError
 
 

@@ -15,12 +15,12 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from train.checkpoints.init_from import apply_init_from
 from train.config import TrainConfig, TrainingError, validate
-from train.init_from import apply_init_from
-from train.layout import apply_accelerate_layout
-from train.phases import phase
-from train.preemption import Preempted
-from train.run_dir import write_status
+from train.run.directory import write_status
+from train.run.layout import apply_accelerate_layout
+from train.run.phases import phase
+from train.run.preemption import Preempted
 from train.trainer import Trainer
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.records import overrides_for
+from train.run.records import overrides_for
 
 
 def rerun_command(run_dir: Path, out_dir: Path | None) -> tuple[list[str], int]:

@@ -18,7 +18,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from train.sources import command_errors, load_source, parallel_groups, read_prompt
+from train.checkpoints.sources import load_source
+from train.cli import command_errors, parallel_groups, read_prompt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

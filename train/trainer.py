@@ -12,7 +12,7 @@ over the dp group only (accelerate's `prepare(model)` without a parallelism conf
 *all* ranks and destroy the shards, so then only the optimizer goes through accelerate). Every TP rank of a
 group sees the same batch; DP ranks see their share of one global batch that depends only on (seed, step).
 Each step ends in one tiny all-reduce that tells every rank whether any rank saw a bad step (skip the
-update: `train.guard`) or a stop signal (save and stop: `train.preemption`).
+update: `train.run.guard`) or a stop signal (save and stop: `train.run.preemption`).
 """
 
 from __future__ import annotations
@@ -42,27 +42,28 @@ from tp_attention.fsdp import data_parallel_mesh, gathered, local, shard_data_pa
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.hf import load_weights
 from tp_attention.model import GPT
-from train import checkpoint, faults
+from train.checkpoints import checkpoint
 from train.config import ConfigError, TrainConfig, batch_layout, data_parallel_layout
-from train.data import check_activation_memory, eval_batches, prepare_data, step_batch
-from train.flops import measure_peak_flops, mfu
-from train.guard import DivergenceGuard
-from train.identity import experiment
-from train.layout import accelerate_layout, check_same_layout, prepare
-from train.lock import RunLock
-from train.memory import describe as describe_memory
-from train.memory import memory_report
-from train.metrics import Metrics
-from train.phases import phase
-from train.plots import save_loss_plot
-from train.preemption import Preempted, StopFlag
-from train.profiling import StepProfiler
-from train.progress import Progress
-from train.ranks import any_rank, broadcast_object, on_main
-from train.records import add_to_run_record, write_run_record
-from train.resume import resolve_resume
-from train.run_dir import agree_on_run_dir, check_output_space, setup_logging, write_hydra_files, write_status
-from train.schedule import lr_at, schedule_warnings
+from train.data.corpus import check_activation_memory, eval_batches, prepare_data, step_batch
+from train.reporting.flops import measure_peak_flops, mfu
+from train.reporting.memory import describe as describe_memory
+from train.reporting.memory import memory_report
+from train.reporting.metrics import Metrics
+from train.reporting.plots import save_loss_plot
+from train.reporting.profiling import StepProfiler
+from train.reporting.progress import Progress
+from train.run import faults
+from train.run.directory import agree_on_run_dir, check_output_space, setup_logging, write_hydra_files, write_status
+from train.run.guard import DivergenceGuard
+from train.run.identity import experiment
+from train.run.layout import accelerate_layout, check_same_layout, prepare
+from train.run.lock import RunLock
+from train.run.phases import phase
+from train.run.preemption import Preempted, StopFlag
+from train.run.ranks import any_rank, broadcast_object, on_main
+from train.run.records import add_to_run_record, write_run_record
+from train.run.resume import resolve_resume
+from train.run.schedule import lr_at, schedule_warnings
 
 log = logging.getLogger("train")
 
@@ -170,7 +171,7 @@ class Trainer:
         use_parallelism_config = os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG")
         if self.device_type == "cpu" and accelerate_layout() is not None:
             # accelerate 1.15 refuses a ParallelismConfig on MULTI_CPU (parallelism_config.py:395,
-            # _validate_accelerator); train.layout already read it into parallel.*, so go on without one
+            # _validate_accelerator); train.run.layout already read it into parallel.*, so go on without one
             os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = "false"
         try:
             self.accelerator = Accelerator(
@@ -270,8 +271,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **implementation
         )
-        # accelerate takes the model only where it leaves its TP shards alone (train.layout.prepare); our TP-aware
-        # clipping (tp_attention.grad_norm) and DCP checkpoints (train.checkpoint) stay in charge, because
+        # accelerate takes the model only where it leaves its TP shards alone (train.run.layout.prepare); our TP-aware
+        # clipping (tp_attention.grad_norm) and DCP checkpoints (train.checkpoints.checkpoint) stay in charge, because
         # accelerate's clip_grad_norm_ and save_state do not know plain TP shards
         self.wrapped, self.optimizer = prepare(self.accelerator, self.wrapped, optimizer, p.tp)
         if self.conf.trainer.compile:

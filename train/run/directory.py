@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from train.config import ConfigError
-from train.ranks import broadcast_object
+from train.run.ranks import broadcast_object
 
 
 def agree_on_run_dir(hydra_dir: Path) -> Path:

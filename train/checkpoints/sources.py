@@ -11,25 +11,19 @@ there is one, comes along (the run's validation split is described by it).
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.device_mesh import DeviceMesh
 
-from tp_attention.distributed import Group, ParallelGroups, default_device_type, init_parallel_groups
+from tp_attention.distributed import Group
 from tp_attention.hf import is_hf_directory
 from tp_attention.model import GPT, GPTConfig
-from train import checkpoint
+from train.checkpoints import checkpoint
 from train.config import ConfigError
-from train.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from train.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
 
 @dataclass
@@ -80,48 +74,3 @@ def load_source(path: str | Path, tp_group: Group = None, mesh: DeviceMesh | Non
     run_dir = found.parent.parent
     config = meta.get("config") or _run_config(run_dir)
     return Source(model, load_tokenizer(run_dir), run_dir, config, meta["step"])
-
-
-def read_prompt(value: str) -> str:
-    """`--prompt` as given, or the contents of FILE for `@FILE`."""
-    if value.startswith("@"):
-        file = Path(value[1:]).expanduser()
-        if not file.is_file():
-            raise ConfigError(f"--prompt {value!r}: no file {file}")
-        return file.read_text(errors="replace")
-    return value
-
-
-def dump(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def parallel_groups(tp: int) -> ParallelGroups | None:
-    """Under torchrun, the `(dp, tp)` groups of this world (CPU: TP collectives in shared memory); else None.
-
-    Raises:
-        ConfigError: tp does not divide the world size.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return None
-    device_type = default_device_type()
-    try:
-        return init_parallel_groups(tp, device_type, shared_memory=device_type == "cpu")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-@contextmanager
-def command_errors(name: str) -> Iterator[None]:
-    """The body of command `name`: a ConfigError, ValueError or FileNotFoundError becomes one line
-    (`<name> error: ...`) and exit status 2; the process group (under torchrun) is destroyed either way."""
-    try:
-        yield
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"{name} error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

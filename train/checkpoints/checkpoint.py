@@ -10,7 +10,7 @@ and rank 0 has recorded each file's size and SHA-256 in meta.json, so a crash mi
 touches the last good one; a save that fails (a full disk, a write error) removes its temporary
 directory and stops the run with the reason. A checkpoint whose directory holds a file meta.json does
 not list, or lacks one it lists, is refused; its DCP metadata is read without unpickling code
-(`train.dcp_metadata`). Because shards are stored with their global layout, a checkpoint loads at
+(`train.checkpoints.dcp_metadata`). Because shards are stored with their global layout, a checkpoint loads at
 any (dp, tp). The step is the whole RNG and sampler state (both are derived from (seed, step)).
 """
 
@@ -36,9 +36,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from tp_attention.state_dict import dcp_state_dict, full_shapes
+from train.checkpoints.dcp_metadata import SafeReader, UnsafeCheckpoint, load_metadata
 from train.config import ConfigError, TrainingError
-from train.dcp_metadata import SafeReader, UnsafeCheckpoint, load_metadata
-from train.ranks import barrier, is_main_process
+from train.run.ranks import barrier, is_main_process
 
 log = logging.getLogger(__name__)
 META = "meta.json"

@@ -14,9 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from train import checkpoint
+from train.checkpoints import checkpoint
 from train.config import ConfigError
-from train.identity import differences
+from train.run.identity import differences
 
 log = logging.getLogger(__name__)
 

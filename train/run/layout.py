@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from train.checkpoints.init_from import overridden_fields
 from train.config import ConfigError
-from train.init_from import overridden_fields
 
 SIZES = {"tp": "TP_SIZE", "dp_shard": "DP_SHARD_SIZE", "dp_replicate": "DP_REPLICATE_SIZE"}
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tp_attention.hf import is_hf_directory, read_config
 from tp_attention.model import GPTConfig
 from train.config import ConfigError
-from train.tokenizer import TOKENIZER_FILE
+from train.data.tokenizer import TOKENIZER_FILE
 
 TRAINING_FIELDS = ("init_from", "dropout")  # model.* fields the training config keeps
 

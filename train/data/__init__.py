@@ -1,0 +1,1 @@
+"""Data: a corpus to token ids on disk and random training windows (`corpus`), and tokenizers (`tokenizer`)."""
