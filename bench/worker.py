@@ -31,6 +31,7 @@ from tp_attention.checkpointing import MODES, apply_activation_checkpointing
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
+from tp_attention.shm import with_shared_memory_groups
 
 SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
@@ -173,7 +174,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     shared_memory = args.variant in ("ours", "ours_sp") and device.type == "cpu"  # same-host TP collectives
-    groups = init_parallel_groups(world, device.type, shared_memory=shared_memory) if world > 1 else None
+    groups = init_parallel_groups(world, device.type) if world > 1 else None
+    if groups and shared_memory:
+        groups = with_shared_memory_groups(groups)
     tp_group, mesh = (groups.tp_group, groups.mesh) if groups else (None, None)
     sequence_parallel = args.variant == "ours_sp"
     model = build(args.variant, args.shape, tp_group, mesh, sequence_parallel, args.vocab).to(device)

@@ -20,7 +20,7 @@ import torch
 from torch.distributed.tensor.debug import CommDebugMode
 
 from tp_attention import MultiHeadAttention
-from tp_attention.distributed import Group, TPGroup
+from tp_attention.groups import Group, TPGroup
 from tp_attention.model import GPT
 from tp_attention.testing import assert_close
 

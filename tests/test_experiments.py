@@ -16,6 +16,7 @@ import torch
 from tests.helpers import TINY_RUN, TORCHRUN, env_for, metrics, rank0_log, records, train
 from train.config import OptimConfig
 from train.run.identity import experiment
+from train.run.records import CHECKOUT, command_line, git_state
 from train.run.schedule import lr_at, schedule_warnings
 
 SWEEP = [
@@ -149,6 +150,16 @@ def test_rerun_from_the_record_alone_gives_the_same_curve(workdir, sweep):
     curve = [(r["step"], r.get("loss"), r.get("val_loss")) for r in records(run)]
     assert [(r["step"], r.get("loss"), r.get("val_loss")) for r in again] == curve, "bitwise on CPU in fp32"
     assert "deterministic algorithms" in (run / "logs" / "rank0.log").read_text()
+
+
+def test_the_record_names_the_module_and_the_checkout(monkeypatch):
+    """Both are found from train/run/records.py's place in the tree (they broke when it moved into train/run/)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "argv", [str(root / "train" / "__main__.py"), "trainer.max_steps=1"])
+    assert command_line() == [sys.executable, "-m", "train", "trainer.max_steps=1"]
+    assert root == CHECKOUT
+    if (root / ".git").exists():
+        assert git_state(CHECKOUT)["commit"]
 
 
 def test_a_sweep_of_two_process_jobs_runs_one_torchrun_per_job(workdir):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tp_attention.distributed import TPGroup
+from tp_attention.groups import TPGroup
 from tp_attention.mappings import _all_gather, _reduce_scatter, all_reduce_in_place, shared_memory_for
 from tp_attention.shm import SharedMemoryCollectives, with_shared_memory
 from tp_attention.testing import run_processes

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_attention import ColumnParallelLinear, RowParallelLinear, ShardSpec, reduce_from_tp
-from tp_attention.distributed import tp_rank, tp_size
+from tp_attention.groups import tp_rank, tp_size
 from tp_attention.testing import assert_close, assert_tp_equivalent
 
 

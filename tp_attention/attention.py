@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp_attention.distributed import Group, check_group, tp_rank, tp_size
+from tp_attention.groups import Group, check_group, tp_rank, tp_size
 from tp_attention.layers import (
     ColumnParallelLinear,
     RowParallelLinear,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from tp_attention.model import GPTConfig
+from tp_attention.config import GPTConfig
 
 _BLOCK = {  # ours (inside _decoders.{i}.) -> nanoGPT (inside transformer.h.{i}.)
     "_norm1": "ln_1",

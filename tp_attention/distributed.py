@@ -1,10 +1,6 @@
-"""Process-group helpers: who is in the tensor-parallel group, how its collectives travel, and a
-`(dp, tp)` mesh builder.
-
-Every TP layer takes its group explicitly (`tp_group`): a `torch.distributed` process group, or a
-`TPGroup` that also names the transport of its collectives (shared memory, see `tp_attention.shm`).
-`None` means "no tensor parallelism": tp_size 1, rank 0, and no collective is ever issued, whether
-or not a process group exists.
+"""The `(dp, tp)` device mesh over all ranks and its process groups (initialising torch.distributed under
+torchrun). What a group is, and how its collectives travel, is `tp_attention.groups`; a TP group whose
+collectives go through shared memory is made from this one by `tp_attention.shm.with_shared_memory`.
 """
 
 from __future__ import annotations
@@ -12,56 +8,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-if TYPE_CHECKING:
-    from tp_attention.shm import SharedMemoryCollectives
-
-ProcessGroup = dist.ProcessGroup
-
-
-@dataclass(frozen=True, eq=False)
-class TPGroup:
-    """A tensor-parallel process group and the transport of its collectives.
-
-    With `shared_memory` set, all-reduces, all-gathers and reduce-scatters of CPU tensors that fit
-    its buffer go through it; everything else goes through `group`. Build one with
-    `tp_attention.shm.with_shared_memory(group)`.
-    """
-
-    group: ProcessGroup
-    shared_memory: SharedMemoryCollectives | None = None
-
-
-Group = ProcessGroup | TPGroup | None
-
-
-def process_group(group: Group) -> ProcessGroup | None:
-    """The `torch.distributed` process group behind `group`."""
-    return group.group if isinstance(group, TPGroup) else group
-
-
-def tp_size(group: Group) -> int:
-    """Number of ranks in `group`; 1 for `None`."""
-    return 1 if group is None else dist.get_world_size(process_group(group))
-
-
-def tp_rank(group: Group) -> int:
-    """This process's rank inside `group`; 0 for `None`."""
-    return 0 if group is None else dist.get_rank(process_group(group))
-
-
-def check_group(group: object, name: str = "tp_group") -> Group:
-    """`group` if it is a process group, a TPGroup or None; else a TypeError naming what it is."""
-    if group is not None and not isinstance(group, ProcessGroup | TPGroup):
-        raise TypeError(
-            f"{name} must be a torch.distributed ProcessGroup, a TPGroup or None, got {type(group).__name__} {group!r}"
-        )
-    return group
+from tp_attention.groups import ProcessGroup, TPGroup
 
 
 @dataclass(frozen=True)
@@ -70,7 +22,7 @@ class ParallelGroups:
 
     Ranks `[d * tp, (d + 1) * tp)` form one TP group (neighbours share a node first); ranks with
     the same TP rank form one DP group. `tp_group` is a TPGroup when its collectives go through
-    shared memory.
+    shared memory (`tp_attention.shm.with_shared_memory_groups`).
     """
 
     mesh: DeviceMesh
@@ -117,15 +69,11 @@ def _elastic_store(timeout: timedelta | None) -> dist.Store | None:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init_parallel_groups(
-    tp: int, device_type: str | None = None, timeout_s: float | None = None, shared_memory: bool = False
-) -> ParallelGroups:
+def init_parallel_groups(tp: int, device_type: str | None = None, timeout_s: float | None = None) -> ParallelGroups:
     """Build the `(dp, tp)` mesh over all ranks (initialising the default process group if needed).
 
     The backend is gloo for `device_type="cpu"` and nccl for `"cuda"`. Reads the usual
     torchrun environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...) when it has to initialise.
-    `shared_memory`: the TP group's collectives go through shared memory where its ranks share a
-    CPU host (`tp_attention.shm.with_shared_memory`; a collective over the TP group).
 
     Raises:
         ValueError: `tp` is not positive or does not divide the world size.
@@ -145,9 +93,4 @@ def init_parallel_groups(
     if tp < 1 or world % tp != 0:
         raise ValueError(f"world_size = {world} must be a positive multiple of tp = {tp}")
     mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    tp_group = mesh.get_group("tp")
-    if shared_memory:
-        from tp_attention.shm import with_shared_memory
-
-        tp_group = with_shared_memory(tp_group, timeout_s or 600.0)
-    return ParallelGroups(mesh, mesh.get_group("dp"), tp_group)
+    return ParallelGroups(mesh, mesh.get_group("dp"), mesh.get_group("tp"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tp_attention.model import GPTConfig
+from tp_attention.config import GPTConfig
 
 
 def flops_per_token(cfg: GPTConfig, num_params: int, seq_len: int) -> float:

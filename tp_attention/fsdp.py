@@ -23,6 +23,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
+from tp_attention.vocab import VocabParallelEmbedding
+
 
 def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int, tp: int) -> DeviceMesh:
     """The DP part of the `(dp_replicate, dp_shard, tp)` mesh: 1-D `dp_shard`, or 2-D
@@ -49,8 +51,6 @@ def shard_data_parallel(
     runs in fp32 (norms, softmax, the loss) still do; what changes is that weights reach them already rounded.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from tp_attention.vocab import VocabParallelEmbedding
 
     shard = mesh.size(-1)  # dp_shard
     tables = {

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tp_attention.distributed import Group, tp_size
 from tp_attention.fsdp import data_parallel_groups, local
+from tp_attention.groups import Group, tp_size
 from tp_attention.mappings import all_reduce_in_place
 from tp_attention.state_dict import sharded_parameters
 

@@ -22,19 +22,17 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from tp_attention.distributed import Group, tp_rank, tp_size
-from tp_attention.layers import ShardSpec
-from tp_attention.model import GPTConfig
+from tp_attention.config import GPTConfig
+from tp_attention.groups import tp_rank, tp_size
 from tp_attention.rope import RotaryEmbedding
+from tp_attention.sharding import ShardSpec
 from tp_attention.state_dict import gather_shard, sharded_parameters, unshard_data_parallel
-
-if TYPE_CHECKING:
-    from tp_attention.model import GPT
 
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 GPT2_EOS = 50256
@@ -352,27 +350,7 @@ def _local_piece(files: SafetensorsFiles, source: Source, spec: ShardSpec | None
     return piece.contiguous()
 
 
-def load_pretrained(
-    cls: type[GPT],
-    path: Path,
-    tp_group: Group = None,
-    *,
-    sequence_parallel: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> GPT:
-    """`GPT.from_pretrained`: the model built on the meta device, then given this rank's slices.
-
-    Raises:
-        FileNotFoundError: no config.json or weights at `path`.
-        ValueError: an unsupported config, or tensors missing, unexpected or of the wrong shape (all listed).
-    """
-    with torch.device("meta"):
-        model = cls.from_config(read_config(path), tp_group=tp_group, sequence_parallel=sequence_parallel)
-    load_weights(model, path, dtype)
-    return model
-
-
-def load_weights(model: GPT, path: Path, dtype: torch.dtype = torch.float32) -> None:
+def load_weights(model: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
     """Give `model` (built for the checkpoint's shape, on any device, the meta device included) this
     rank's slices of the weights at `path`: a Hugging Face directory, or an export written by `GPT.save`
     (its directory or file).
@@ -418,7 +396,7 @@ def load_weights(model: GPT, path: Path, dtype: torch.dtype = torch.float32) -> 
             module.reset()  # its buffer is computed, not stored
 
 
-def hf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """`(Hugging Face name, full tensor)` in checkpoint order, gathered one at a time (each a collective
     over the TP group: call on every rank)."""
     cfg, specs = model.config, sharded_parameters(model)
@@ -436,7 +414,7 @@ def hf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
         yield hf_name, torch.cat(full, dim=-1 if parts[0][1].transpose else 0).contiguous()  # Q|K|V: GPT-2's c_attn
 
 
-def save_pretrained(model: GPT, path: Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+def save_pretrained(model: nn.Module, path: Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """`GPT.save_pretrained`: config.json and model.safetensors (or numbered files and an index when the
     tensors exceed `max_shard_bytes`). A collective; global rank 0 writes."""
     from safetensors.torch import save_file

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-if TYPE_CHECKING:
-    from tp_attention.layers import ShardSpec
+from tp_attention.sharding import ShardSpec
 
 CHUNK_NUMEL = 2**22  # numbers per drawn chunk: 16 MiB in fp32
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tp_attention.distributed import Group, TPGroup, process_group, tp_rank, tp_size
+from tp_attention.groups import Group, TPGroup, process_group, tp_rank, tp_size
 from tp_attention.shm import SharedMemoryCollectives
 
 # The shared-memory collectives are custom ops, opaque to torch.compile (it cannot trace their spin-wait);

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tp_attention.attention import KVCache, MultiHeadAttention
-from tp_attention.distributed import Group, check_group, tp_rank, tp_size
+from tp_attention.config import GPTConfig
+from tp_attention.generation import generate
+from tp_attention.groups import Group, check_group, tp_rank, tp_size
+from tp_attention.hf import load_weights, read_config, save_pretrained
 from tp_attention.init import Init, fill_
 from tp_attention.layers import (
     ColumnParallelLinear,
@@ -36,78 +39,11 @@ from tp_attention.layers import (
     fused_column_parallel,
 )
 from tp_attention.rope import RotaryEmbedding
-from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel, mlp_hidden_size
+from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel
 from tp_attention.state_dict import full_shapes, full_state_dict
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT
-
-
-@dataclass
-class GPTConfig:
-    """Shape and options of a GPT. Defaults are a tiny byte-level GPT-2-style model.
-
-    Architecture options (GPT-2: the defaults with `activation="gelu_tanh"`; Llama: `norm="rmsnorm"`,
-    `activation="swiglu"`, `position="rope"`, `bias=False`, `tie_embeddings=False`):
-        norm: "layernorm" | "rmsnorm", with `norm_eps`.
-        activation: "gelu" (exact) | "gelu_tanh" (GPT-2's gelu_new) | "swiglu" (gate and up projections).
-        intermediate_size: the MLP's hidden width; None: `ffn_mult * emb_size` (SwiGLU: Llama's rounding,
-            see `tp_attention.shapes.mlp_hidden_size`).
-        position: "learned" (absolute embeddings) | "rope" (`rope_theta`, `rope_scaling`: Llama 3's).
-        bias: biases in the norms and, unless `attention_bias` / `mlp_bias` say otherwise, the projections.
-    """
-
-    vocab_size: int = 256
-    max_seq_len: int = 128
-    emb_size: int = 128
-    num_heads: int = 4
-    head_size: int = 32
-    num_layers: int = 4
-    dropout: float = 0.1
-    num_kv_heads: int | None = None
-    bias: bool = True
-    tie_embeddings: bool = True
-    ffn_mult: int = 4
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    activation: str = "gelu"
-    intermediate_size: int | None = None
-    position: str = "learned"
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
-    attention_bias: bool | None = None
-    mlp_bias: bool | None = None
-
-    def __post_init__(self) -> None:
-        check_gpt(self)  # the rules that do not depend on tp; GPT checks the rest with its group
-
-    @property
-    def hidden_size(self) -> int:
-        """The MLP's hidden width (`intermediate_size`, or what `ffn_mult` gives)."""
-        return mlp_hidden_size(self)
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def attn_bias(self) -> bool:
-        """Biases on Q/K/V and the attention output projection."""
-        return self.bias if self.attention_bias is None else self.attention_bias
-
-    @property
-    def ffn_bias(self) -> bool:
-        """Biases on the MLP's projections."""
-        return self.bias if self.mlp_bias is None else self.mlp_bias
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> GPTConfig:
-        """Build from a dict (or Hydra DictConfig), refusing unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(values))
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -418,8 +354,6 @@ class GPT(nn.Module):
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
         """Continue `idx`; see `tp_attention.generation.generate` for the options."""
-        from tp_attention.generation import generate
-
         return generate(self, idx, max_new_tokens, **kwargs)
 
     @torch.no_grad()
@@ -476,8 +410,6 @@ class GPT(nn.Module):
                     "GPT.save (which stores one)"
                 )
             config = GPTConfig.from_mapping(json.loads(saved))
-        from tp_attention.hf import load_weights
-
         with torch.device("meta"):
             model = cls.from_config(config, tp_group=tp_group)
         load_weights(model, file)  # each rank reads only its slices
@@ -499,9 +431,11 @@ class GPT(nn.Module):
             FileNotFoundError: no config.json or weights at `path`.
             ValueError: an unsupported model type or config field (named), or tensors that do not fit.
         """
-        from tp_attention.hf import load_pretrained
-
-        return load_pretrained(cls, Path(path), tp_group, sequence_parallel=sequence_parallel, dtype=dtype)
+        path = Path(path)
+        with torch.device("meta"):
+            model = cls.from_config(read_config(path), tp_group=tp_group, sequence_parallel=sequence_parallel)
+        load_weights(model, path, dtype)
+        return model
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:
         """Write a Hugging Face directory (GPT-2 or Llama layout, per the config) that
@@ -511,8 +445,6 @@ class GPT(nn.Module):
         Raises:
             ValueError: the config fits neither layout (the fields in the way named).
         """
-        from tp_attention.hf import save_pretrained
-
         return save_pretrained(self, Path(path), max_shard_bytes)
 
     def num_parameters(self, exclude_position_embeddings: bool = True) -> int:

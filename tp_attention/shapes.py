@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tp_attention.rope import check_rope_scaling
+
 
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
     """`value` if it is an int (not a bool) >= `minimum`."""
@@ -126,8 +128,6 @@ def check_gpt(
     if cfg.position == "rope":
         if cfg.head_size % 2:
             raise ValueError(f"{prefix}head_size = {cfg.head_size} must be even with {prefix}position = 'rope'")
-        from tp_attention.rope import check_rope_scaling
-
         check_rope_scaling(cfg.rope_scaling, f"{prefix}rope_scaling")
     elif cfg.rope_scaling is not None:
         raise ValueError(f"{prefix}rope_scaling is set but {prefix}position = {cfg.position!r} (it needs 'rope')")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import platform
 import socket
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tp_attention.distributed import ProcessGroup, TPGroup
+from tp_attention.distributed import ParallelGroups
+from tp_attention.groups import ProcessGroup, TPGroup
 
 SLOT_ALIGN = 64
 _DTYPES = [
@@ -217,3 +219,9 @@ def with_shared_memory(group: ProcessGroup, timeout_s: float = 600.0) -> TPGroup
     A collective over `group`. Free the buffer with `result.shared_memory.close()`."""
     shared = SharedMemoryCollectives(group, timeout_s=timeout_s) if can_share_memory(group) else None
     return TPGroup(group, shared)
+
+
+def with_shared_memory_groups(groups: ParallelGroups, timeout_s: float | None = None) -> ParallelGroups:
+    """`groups` with its TP group's collectives through shared memory (`with_shared_memory`; a collective
+    over the TP group)."""
+    return dataclasses.replace(groups, tp_group=with_shared_memory(groups.tp_group, timeout_s or 600.0))

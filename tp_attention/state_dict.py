@@ -14,8 +14,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from tp_attention.distributed import Group, process_group, tp_rank, tp_size
-from tp_attention.layers import ShardSpec
+from tp_attention.groups import Group, process_group, tp_rank, tp_size
+from tp_attention.sharding import ShardSpec
 
 
 def sharded_parameters(model: nn.Module) -> dict[str, tuple[ShardSpec, Group]]:

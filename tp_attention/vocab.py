@@ -12,10 +12,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tp_attention.distributed import Group, check_group, tp_rank, tp_size
+from tp_attention.groups import Group, check_group, tp_rank, tp_size
 from tp_attention.init import Init, fill_
-from tp_attention.layers import ShardSpec, column_parallel_linear
+from tp_attention.layers import column_parallel_linear
 from tp_attention.mappings import all_reduce_in_place, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
+from tp_attention.sharding import ShardSpec
 
 
 class VocabParallelEmbedding(nn.Module):

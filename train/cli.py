@@ -14,6 +14,7 @@ from typing import Any
 import torch.distributed as dist
 
 from tp_attention.distributed import ParallelGroups, default_device_type, init_parallel_groups
+from tp_attention.shm import with_shared_memory_groups
 from train.config import ConfigError
 
 
@@ -43,9 +44,10 @@ def parallel_groups(tp: int) -> ParallelGroups | None:
         return None
     device_type = default_device_type()
     try:
-        return init_parallel_groups(tp, device_type, shared_memory=device_type == "cpu")
+        groups = init_parallel_groups(tp, device_type)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return with_shared_memory_groups(groups) if device_type == "cpu" else groups
 
 
 @contextmanager

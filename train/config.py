@@ -18,8 +18,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from tp_attention.checkpointing import MODES as ACTIVATION_CHECKPOINTING
-from tp_attention.model import GPTConfig
+from tp_attention.config import GPTConfig
 from tp_attention.shapes import check_gpt, check_number, check_seq_len, check_sequence_parallel
+from train.run.identity import run_id, sweep_subdir
 
 # A wheel carries the configs in train/conf; a checkout has them in its top-level conf/, where people edit them
 _HERE = Path(__file__).resolve().parent
@@ -199,8 +200,6 @@ def describe(section: Any, name: str) -> str:
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore and the `${run_id:}` resolver in OmegaConf."""
-    from train.run.identity import run_id, sweep_subdir
-
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id)
         OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir)

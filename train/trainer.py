@@ -42,6 +42,7 @@ from tp_attention.fsdp import data_parallel_mesh, gathered, local, shard_data_pa
 from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.hf import load_weights
 from tp_attention.model import GPT
+from tp_attention.shm import with_shared_memory_groups
 from train.checkpoints import checkpoint
 from train.config import ConfigError, TrainConfig, batch_layout, data_parallel_layout
 from train.data.corpus import check_activation_memory, eval_batches, prepare_data, step_batch
@@ -150,10 +151,9 @@ class Trainer:
         p, t = self.conf.parallel, self.conf.trainer
         self.device_type = device_type_for(self.conf)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        shared_memory = self.device_type == "cpu" and p.shm_collectives
-        self.groups = (
-            init_parallel_groups(p.tp, self.device_type, p.timeout_s, shared_memory) if self.world > 1 else None
-        )
+        self.groups = init_parallel_groups(p.tp, self.device_type, p.timeout_s) if self.world > 1 else None
+        if self.groups and self.device_type == "cpu" and p.shm_collectives:
+            self.groups = with_shared_memory_groups(self.groups, p.timeout_s)
         self.mesh, self.tp_group = (self.groups.mesh, self.groups.tp_group) if self.groups else (None, None)
         self.dp_size, self.dp_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
         self.dp_group = self.groups.dp_group if self.groups and self.dp_size > 1 else None

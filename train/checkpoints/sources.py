@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch.distributed.device_mesh import DeviceMesh
 
-from tp_attention.distributed import Group
+from tp_attention.groups import Group
 from tp_attention.hf import is_hf_directory
 from tp_attention.model import GPT, GPTConfig
 from train.checkpoints import checkpoint

@@ -23,6 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 PACKAGES = ("torch", "accelerate", "hydra-core", "omegaconf", "numpy", "tp-attention")
+TRAIN_PACKAGE = Path(__file__).resolve().parents[1]  # train/, this file is train/run/records.py
+CHECKOUT = TRAIN_PACKAGE.parent
 
 
 def git_state(root: Path) -> dict[str, Any] | None:
@@ -43,7 +45,7 @@ def git_state(root: Path) -> dict[str, Any] | None:
 
 def command_line() -> list[str]:
     """How this process was started: `python -m train ...` for the module, else argv as it is (tp-train ...)."""
-    if Path(sys.argv[0]).resolve() == Path(__file__).resolve().parent / "__main__.py":
+    if Path(sys.argv[0]).resolve() == TRAIN_PACKAGE / "__main__.py":
         return [sys.executable, "-m", "train", *sys.argv[1:]]
     return list(sys.argv)
 
@@ -74,7 +76,7 @@ def write_run_record(run_dir: Path, cfg: DictConfig, world_size: int) -> dict[st
         "choices": {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_dirs": config_dirs,
-        "git": git_state(Path(__file__).resolve().parent.parent),
+        "git": git_state(CHECKOUT),
         "versions": versions(),
     }
     (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
