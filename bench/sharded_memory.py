@@ -34,19 +34,15 @@ def measure(model_name: str, tp: int, dp_shard: int) -> dict:
     """This rank's row: local parameter bytes, peak growth while building and drawing, seconds to draw, and
     peak growth while saving a checkpoint of the parameters and AdamW moments."""
     import torch.distributed.checkpoint as dcp
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from tp_attention.distributed import init_parallel_groups
     from tp_attention.fsdp import data_parallel_mesh, local, shard_data_parallel
     from tp_attention.init import CHUNK_NUMEL
     from tp_attention.model import GPT
     from train.checkpoints.checkpoint import _state, init_optimizer_state
-    from train.config import CONF_DIR, register
+    from train.config import compose_config
 
-    register()
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        model_conf = OmegaConf.to_object(compose("config", overrides=[f"model={model_name}"])).model
+    model_conf = compose_config([f"model={model_name}"]).model
     cfg = model_conf.gpt_config(model_conf.vocab_size or 256)  # null: the byte tokenizer's
     tp_group, mesh, groups = None, None, None
     if "WORLD_SIZE" in os.environ:

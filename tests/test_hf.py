@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from omegaconf import OmegaConf  # noqa: E402
 
-from tests.helpers import CASES, LLAMA3_SCALING, ROOT, gpt_batch, spiky  # noqa: E402
+from tests.helpers import CASES, LLAMA3_SCALING, gpt_batch, spiky  # noqa: E402
 from tp_attention import full_state_dict, load_full_state_dict  # noqa: E402
 from tp_attention.hf import config_from_hf, load_weights, read_config  # noqa: E402
 from tp_attention.model import GPT, GPTConfig  # noqa: E402
 from tp_attention.testing import assert_close, run_threaded  # noqa: E402
+from train.config import compose_config  # noqa: E402
 
 LOGITS = dict(rtol=1e-5, atol=1e-5)
 SMALL = dict(vocab_size=65, max_position_embeddings=32, initializer_range=0.3)  # 0.3: far from uniform logits
@@ -218,8 +218,9 @@ LLAMA_3_2_1B = {  # the config.json Meta published with Llama-3.2-1B
 
 
 def preset(name: str) -> GPTConfig:
-    """The GPTConfig of `conf/model/<name>.yaml`."""
-    return GPTConfig(**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")))
+    """The model `python -m train model=<name>` builds (vocab_size is set by these presets)."""
+    model = compose_config([f"model={name}"]).model
+    return model.gpt_config(model.vocab_size)
 
 
 @pytest.mark.parametrize("name, hf", [("gpt2", lambda: transformers.GPT2Config()), ("llama3_1b", lambda: LLAMA_3_2_1B)])

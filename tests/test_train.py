@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from tests.helpers import ROOT, TINY_RUN, assert_same_curve, env_for, free_port, losses, metrics, rank0_log, train
 from tp_attention.model import GPT
 from tp_attention.testing import assert_close
-from train.config import ConfigError, TrainConfig, register, validate
+from train.config import ConfigError, compose_config, validate
 from train.run.schedule import lr_at
-
-
-def compose_config(overrides: list[str]) -> TrainConfig:
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_object(cfg)
 
 
 def test_default_config_composes_and_is_valid():
@@ -55,7 +46,7 @@ def test_default_config_composes_and_is_valid():
         (["model.num_kv_heads=3"], 1, r"model.num_heads = 4 must be divisible by model.num_kv_heads = 3"),
         (["parallel.tp=2"], 3, r"world_size = 3 must be divisible by parallel.tp = 2"),
         (["trainer.seq_len=256"], 1, r"trainer.seq_len = 256 must be <= model.max_seq_len = 128"),
-        (["trainer.micro_batch=0"], 1, r"trainer.micro_batch = 0 must be positive"),
+        (["trainer.micro_batch=0"], 1, r"trainer.micro_batch = 0 must be a positive integer"),
         (["model.emb_size=-8"], 1, r"model.emb_size = -8 must be a positive integer"),
         (["model.dropout=1.5"], 1, r"model.dropout = 1.5 must be in \[0, 1\)"),
         (["optim.lr=-1"], 1, r"optim.lr = -1.0 must be in \(0, inf\)"),

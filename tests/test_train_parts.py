@@ -171,6 +171,31 @@ def test_checkpoint_save_is_atomic_and_verified(tmp_path):
         assert torch.equal(optimizer.state[p]["exp_avg"], fresh_optimizer.state[q]["exp_avg"]), name
 
 
+def test_a_load_hashes_each_file_once_and_export_is_convert_with_a_default_out(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from train.convert import convert
+    from train.export import export
+
+    model = GPT(**CASES["base"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = checkpoint.Checkpointer(tmp_path, None, keep=1).save(
+        3, model, optimizer, {"optimizer_steps": 0, "model": asdict(model.config)}
+    )
+    hashed = []
+    real_sha256 = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: hashed.append(path.name) or real_sha256(path))
+    files = len(checkpoint.read_meta(saved)["files"])
+    for source in (saved, tmp_path):  # the checkpoint itself, and its run directory
+        hashed.clear()
+        out = export(source)
+        assert out == tmp_path / "export-step_00000003" and len(hashed) == len(set(hashed)) == files
+    for exported in (out, convert(saved, tmp_path / "via-convert", "export")):
+        assert all(torch.equal(t, model.state_dict()[k]) for k, t in GPT.load(exported).state_dict().items())
+    with pytest.raises(ConfigError, match="not a training checkpoint: name OUT"):
+        export(out)
+
+
 def test_the_memory_report_counts_this_rank_s_tensors_and_checkpointed_blocks():
     from tp_attention.checkpointing import apply_activation_checkpointing
     from train.reporting.memory import layout_report, memory_report

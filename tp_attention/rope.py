@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-ROPE_TYPES = ("default", "llama3")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 

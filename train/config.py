@@ -14,12 +14,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from tp_attention.checkpointing import MODES as ACTIVATION_CHECKPOINTING
 from tp_attention.config import GPTConfig
-from tp_attention.shapes import check_gpt, check_number, check_seq_len, check_sequence_parallel
+from tp_attention.shapes import (
+    check_choice,
+    check_gpt,
+    check_int,
+    check_number,
+    check_seq_len,
+    check_sequence_parallel,
+)
 from train.run.identity import run_id, sweep_subdir
 
 # A wheel carries the configs in train/conf; a checkout has them in its top-level conf/, where people edit them
@@ -206,17 +214,19 @@ def register() -> None:
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
 
 
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """The typed config `python -m train` builds from conf/ with these Hydra overrides (not yet validated)."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+
+
 def _as_config_error(check, *args, **kwargs) -> None:
     """Run one of tp_attention.shapes' checks, its ValueError/TypeError raised as a ConfigError."""
     try:
         check(*args, **kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-
-
-def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} must be one of {', '.join(allowed)}")
 
 
 def _numbers(cfg: TrainConfig) -> None:
@@ -257,11 +267,10 @@ def _numbers(cfg: TrainConfig) -> None:
     for section, names in positive.items():
         for name in names:
             value = getattr(getattr(cfg, section), name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{section}.{name} = {value} must be positive")
+            if value is not None:
+                _as_config_error(check_int, value, f"{section}.{name}")
     for name, value in (("optim.warmup_steps", o.warmup_steps), ("data.max_bytes", d.max_bytes)):
-        if value < 0:
-            raise ConfigError(f"{name} = {value} must be >= 0")
+        _as_config_error(check_int, value, name, minimum=0)
 
 
 def data_parallel_layout(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
@@ -323,14 +332,16 @@ TRACKERS = {
 def _choices(cfg: TrainConfig) -> None:
     """Names from fixed lists, trackers that are installed, a profile window, AdamW's implementation."""
     o, t = cfg.optim, cfg.trainer
-    _choice(o.schedule, ("cosine", "linear", "constant", "wsd"), "optim.schedule")
-    _choice(t.activation_checkpointing, ACTIVATION_CHECKPOINTING, "trainer.activation_checkpointing")
+    _as_config_error(check_choice, o.schedule, "optim.schedule", ("cosine", "linear", "constant", "wsd"))
+    _as_config_error(
+        check_choice, t.activation_checkpointing, "trainer.activation_checkpointing", ACTIVATION_CHECKPOINTING
+    )
     _as_config_error(check_number, o.decay_fraction, "optim.decay_fraction", 0.0, 1.0, high_open=False)
     _as_config_error(check_number, o.eps, "optim.eps", 0.0, math.inf, low_open=True)
     if o.fused and o.foreach:
         raise ConfigError("optim.fused and optim.foreach cannot both be true: AdamW takes one implementation")
     for name in t.log_with:
-        _choice(name, tuple(TRACKERS), "trainer.log_with entry")
+        _as_config_error(check_choice, name, "trainer.log_with entry", tuple(TRACKERS))
         if importlib.util.find_spec(TRACKERS[name]) is None:
             extra = " (pip install 'tp-attention[trackers]')" if name == "mlflow" else ""
             raise ConfigError(
@@ -352,10 +363,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     data_parallel_layout(p, world_size)
     batch_layout(t, world_size // p.tp)
     _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
-    _choice(d.source, ("stdlib", "text", "hf"), "data.source")
-    _choice(d.tokenizer, ("byte", "bpe"), "data.tokenizer")
-    _choice(t.mixed_precision, ("no", "bf16", "fp16"), "trainer.mixed_precision")
-    _choice(p.device, ("auto", "cpu", "cuda"), "parallel.device")
+    _as_config_error(check_choice, d.source, "data.source", ("stdlib", "text", "hf"))
+    _as_config_error(check_choice, d.tokenizer, "data.tokenizer", ("byte", "bpe"))
+    _as_config_error(check_choice, t.mixed_precision, "trainer.mixed_precision", ("no", "bf16", "fp16"))
+    _as_config_error(check_choice, p.device, "parallel.device", ("auto", "cpu", "cuda"))
     if d.source == "text" and not d.path:
         raise ConfigError("data.path must name a file or directory when data.source = 'text'")
     if d.source == "hf" and not d.hf_name:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train.checkpoints.sources import load_source
+from train.checkpoints.sources import Source, load_source
 from train.cli import command_errors
 from train.config import ConfigError
 
@@ -30,12 +30,16 @@ def convert(source: Path, out: Path, to: str) -> Path:
     """
     if to not in FORMATS:
         raise ConfigError(f"--to {to!r} must be one of {', '.join(FORMATS)}")
-    loaded = load_source(source)
+    return write(load_source(source), out, to)
+
+
+def write(loaded: Source, out: Path, to: str) -> Path:
+    """Write a loaded model and its tokenizer to `out` in format `to` (`hf` | `export`); returns `out`."""
     try:
         loaded.model.save_pretrained(out) if to == "hf" else loaded.model.save(out)
     except ValueError as e:
         raise ConfigError(
-            f"cannot write {source} as {'a Hugging Face directory' if to == 'hf' else 'an export'}: {e}"
+            f"cannot write {loaded.path} as {'a Hugging Face directory' if to == 'hf' else 'an export'}: {e}"
         ) from None
     loaded.tokenizer.save(out)
     return out

@@ -27,6 +27,7 @@ from train.checkpoints.sources import Source, load_source
 from train.cli import command_errors, dump, parallel_groups
 from train.config import ConfigError, DataConfig
 from train.data.corpus import documents, prepare_data
+from train.run.ranks import barrier, is_main_process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,13 +54,8 @@ def tokens_of(source: Source, data: str | None, seq_len: int) -> tuple[np.ndarra
             "pass --data FILE_OR_DIR"
         )
     cfg = DataConfig(**source.config["data"])
-    split = prepare_data(cfg, not dist.is_initialized() or dist.get_rank() == 0, _barrier, seq_len)
+    split = prepare_data(cfg, is_main_process(), barrier, seq_len)
     return np.asarray(split.val, dtype=np.int64), f"validation split of {split.directory}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,7 +108,7 @@ def main() -> None:
     args = parse_args()
     with command_errors("evaluate"):
         result = evaluate(args)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_main_process():
             out = output_path(args, Path(args.source))
             dump(result, out)
             print(

@@ -9,21 +9,13 @@ The report of the layout the overrides describe, built on the meta device (no me
 from __future__ import annotations
 
 import sys
-from typing import Any
 
+from train.config import ConfigError, batch_layout, compose_config, validate
 from train.reporting.memory import describe, layout_report
 
 
 def main() -> None:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from train.config import CONF_DIR, ConfigError, batch_layout, register, validate
-
-    register()
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=sys.argv[1:])
-    conf: Any = OmegaConf.to_object(cfg)
+    conf = compose_config(sys.argv[1:])
     m, p, t = conf.model, conf.parallel, conf.trainer
     dp = p.dp_shard * (p.dp_replicate or 1)
     try:

@@ -16,10 +16,10 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 from train.checkpoints.sources import load_source
 from train.cli import command_errors, parallel_groups, read_prompt
+from train.run.ranks import is_main_process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def sample(args: argparse.Namespace) -> list[str]:
     groups = parallel_groups(args.tp or world)
     source = load_source(args.source, groups.tp_group if groups else None, groups.mesh if groups else None)
     device = next(source.model.parameters()).device
-    printing = not dist.is_initialized() or dist.get_rank() == 0
+    printing = is_main_process()
     prompt_ids = source.tokenizer.encode(read_prompt(args.prompt)) or [0]
     texts = []
     for i in range(args.num_samples):

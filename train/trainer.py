@@ -45,10 +45,10 @@ from tp_attention.model import GPT
 from tp_attention.shm import with_shared_memory_groups
 from train.checkpoints import checkpoint
 from train.config import ConfigError, TrainConfig, batch_layout, data_parallel_layout
-from train.data.corpus import check_activation_memory, eval_batches, prepare_data, step_batch
+from train.data.corpus import eval_batches, prepare_data, step_batch
 from train.reporting.flops import measure_peak_flops, mfu
+from train.reporting.memory import check_activation_memory, memory_report
 from train.reporting.memory import describe as describe_memory
-from train.reporting.memory import memory_report
 from train.reporting.metrics import Metrics
 from train.reporting.plots import save_loss_plot
 from train.reporting.profiling import StepProfiler
@@ -170,8 +170,8 @@ class Trainer:
         stale = on_main(self.lock.acquire)  # one writer per run dir: a second run here is refused, naming the holder
         use_parallelism_config = os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG")
         if self.device_type == "cpu" and accelerate_layout() is not None:
-            # accelerate 1.15 refuses a ParallelismConfig on MULTI_CPU (parallelism_config.py:395,
-            # _validate_accelerator); train.run.layout already read it into parallel.*, so go on without one
+            # accelerate 1.16 refuses a ParallelismConfig on MULTI_CPU (ParallelismConfig._validate_accelerator);
+            # train.run.layout already read it into parallel.*, so go on without one
             os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = "false"
         try:
             self.accelerator = Accelerator(

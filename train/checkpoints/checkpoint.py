@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 META = "meta.json"
 GOOD = "good.json"
 BEST = "best.json"
-LOW_SPACE = 16 << 20  # a failed write with less free space than this is a full disk
 
 
 def checkpoint_name(step: int) -> str:
@@ -122,6 +121,16 @@ def latest_valid(
         log.warning("skipping checkpoint %s: %s", candidate, problem)
         problems.append(f"{candidate.name}: {problem}")
     return None, problems
+
+
+def find_intact(path: Path) -> tuple[Path | None, list[str]]:
+    """Checkpoint `path` itself when it is one (`meta.json` in it), else its run directory's newest intact
+    checkpoint; each candidate's manifest is checked once. Returns it (None if none is intact) and what is
+    wrong with each one passed over."""
+    if (path / META).is_file():
+        problem = verify(path)
+        return (None, [problem]) if problem else (path, [])
+    return latest_valid([path])
 
 
 def good_step(run_dir: Path) -> int | None:

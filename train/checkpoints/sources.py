@@ -32,6 +32,7 @@ class Source:
 
     model: GPT
     tokenizer: ByteTokenizer | BPETokenizer
+    path: Path  # what was loaded: the checkpoint directory, the export's file or the Hugging Face directory
     run_dir: Path | None  # the run it came from, if any
     config: dict[str, Any] | None  # that run's training config, if known
     step: int | None  # the step it was saved at (None for an export)
@@ -55,22 +56,23 @@ def load_source(path: str | Path, tp_group: Group = None, mesh: DeviceMesh | Non
             model = GPT.from_pretrained(path, tp_group)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(str(e)) from None
-        return Source(model, load_tokenizer(path), None, None, None)
+        return Source(model, load_tokenizer(path), path, None, None, None)
     export = path if path.suffix == ".safetensors" else path / "model.safetensors"
     if export.is_file():
         model = GPT.load(export, tp_group=tp_group)
         parent = export.parent.parent
         run_dir = parent if (parent / "checkpoints").is_dir() else None
-        return Source(model, load_tokenizer(export.parent), run_dir, _run_config(run_dir) if run_dir else None, None)
-    found = path if (path / checkpoint.META).is_file() else checkpoint.latest_valid([path])[0]
+        config = _run_config(run_dir) if run_dir else None
+        return Source(model, load_tokenizer(export.parent), export, run_dir, config, None)
+    found, problems = checkpoint.find_intact(path)
     if found is None and (path / "export" / "model.safetensors").is_file():
         return load_source(path / "export", tp_group, mesh)
-    problem = "nothing to load (no model.safetensors, no checkpoint)" if found is None else checkpoint.verify(found)
-    if problem:
+    if found is None:
+        problem = "; ".join(problems) or "nothing to load (no model.safetensors, no checkpoint)"
         raise ConfigError(f"{path}: {problem}")
     meta = checkpoint.read_meta(found)
     model = GPT.from_config(GPTConfig(**meta["model"]), tp_group=tp_group)
     checkpoint.load_model(found, model, mesh)
     run_dir = found.parent.parent
     config = meta.get("config") or _run_config(run_dir)
-    return Source(model, load_tokenizer(run_dir), run_dir, config, meta["step"])
+    return Source(model, load_tokenizer(run_dir), found, run_dir, config, meta["step"])

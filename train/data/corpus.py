@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tp_attention.model import GPTConfig
 from train.config import ConfigError, DataConfig
 from train.data.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, load_tokenizer
 
@@ -220,53 +219,6 @@ def prepare_data(cfg: DataConfig, is_main: bool, barrier: Callable[[], None], se
     val = np.memmap(directory / "val.bin", dtype=dtype, mode="r")
     tokenizer = load_tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else ByteTokenizer()
     return TokenData(train, val, tokenizer, directory)
-
-
-def activation_bytes(
-    cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, element_size: int = 4, recomputed: int = 0
-) -> int:
-    """About the bytes one rank's forward keeps for backward: per token and layer, the norm, residual and
-    projection outputs (6 E), the local Q/K/V and attention output (4 E / tp), the MLP's hidden activations
-    (2 or, SwiGLU, 3 of them, / tp) and the attention probabilities (H T / tp, where SDPA keeps them); the
-    vocab-sharded logits thrice. A `recomputed` block (activation checkpointing) keeps only its input (E),
-    plus one block's activations while it is recomputed."""
-    mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.hidden_size
-    per_layer = (6 + 4 / tp) * cfg.emb_size + mlp / tp + cfg.num_heads * seq_len / tp
-    kept = (cfg.num_layers - recomputed) * per_layer + recomputed * cfg.emb_size + (per_layer if recomputed else 0)
-    per_token = kept + 3 * cfg.vocab_size / tp
-    return int(element_size * micro_batch * seq_len * per_token)
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes where the activations live: the GPU's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) * 1024
-
-
-def check_activation_memory(
-    cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, device: torch.device, recomputed: int = 0
-) -> None:
-    """Refuse a micro-batch whose activations cannot fit (with `recomputed` checkpointed blocks), before
-    anything is allocated.
-
-    Raises:
-        ConfigError: naming the estimate and the memory available.
-    """
-    need = activation_bytes(cfg, micro_batch, seq_len, tp, recomputed=recomputed)
-    try:
-        free = available_memory(device)
-    except (OSError, KeyError, ValueError):  # no /proc/meminfo: nothing to compare with
-        return
-    if need > free:
-        raise ConfigError(
-            f"{micro_batch} sequences per forward pass (trainer.micro_batch, or trainer.batch_size / dp) of "
-            f"trainer.seq_len = {seq_len} tokens need about {need / 2**30:,.1f} GiB of activations per rank "
-            f"(estimate), and {free / 2**30:,.1f} GiB are available on {device.type}: set a smaller "
-            "trainer.micro_batch (gradients then accumulate over more of them), or trainer.activation_checkpointing"
-        )
 
 
 def windows(tokens: np.ndarray, count: int, seq_len: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:

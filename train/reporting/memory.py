@@ -2,7 +2,7 @@
 
 Parameters are measured from the model's own tensors (this rank's shards; replicated norms counted on every
 rank); gradients are as large; AdamW keeps two fp32 moments per parameter; activations are an estimate
-(`train.data.corpus.activation_bytes`) for one micro-batch, with activation checkpointing counted. The training job
+(`activation_bytes`) for one micro-batch, with activation checkpointing counted. The training job
 logs this at start and writes it to `run.json` (`memory`); `python -m train.memory` prints it. Without a
 process group, `layout_report` builds the model on the meta device at each TP rank in threads, so it needs no
 memory and no GPU.
@@ -11,12 +11,63 @@ memory and no GPU.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from tp_attention.checkpointing import apply_activation_checkpointing
+from tp_attention.config import GPTConfig
 from tp_attention.fsdp import local
-from tp_attention.model import GPT, GPTConfig
-from train.data.corpus import activation_bytes
+from tp_attention.model import GPT
+from tp_attention.testing import run_threaded
+from train.config import ConfigError
 
 ADAMW_MOMENTS = 2
+
+
+def activation_bytes(
+    cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, element_size: int = 4, recomputed: int = 0
+) -> int:
+    """About the bytes one rank's forward keeps for backward: per token and layer, the norm, residual and
+    projection outputs (6 E), the local Q/K/V and attention output (4 E / tp), the MLP's hidden activations
+    (2 or, SwiGLU, 3 of them, / tp) and the attention probabilities (H T / tp, where SDPA keeps them); the
+    vocab-sharded logits thrice. A `recomputed` block (activation checkpointing) keeps only its input (E),
+    plus one block's activations while it is recomputed."""
+    mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.hidden_size
+    per_layer = (6 + 4 / tp) * cfg.emb_size + mlp / tp + cfg.num_heads * seq_len / tp
+    kept = (cfg.num_layers - recomputed) * per_layer + recomputed * cfg.emb_size + (per_layer if recomputed else 0)
+    per_token = kept + 3 * cfg.vocab_size / tp
+    return int(element_size * micro_batch * seq_len * per_token)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes where the activations live: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def check_activation_memory(
+    cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, device: torch.device, recomputed: int = 0
+) -> None:
+    """Refuse a micro-batch whose activations cannot fit (with `recomputed` checkpointed blocks), before
+    anything is allocated.
+
+    Raises:
+        ConfigError: naming the estimate and the memory available.
+    """
+    need = activation_bytes(cfg, micro_batch, seq_len, tp, recomputed=recomputed)
+    try:
+        free = available_memory(device)
+    except (OSError, KeyError, ValueError):  # no /proc/meminfo: nothing to compare with
+        return
+    if need > free:
+        raise ConfigError(
+            f"{micro_batch} sequences per forward pass (trainer.micro_batch, or trainer.batch_size / dp) of "
+            f"trainer.seq_len = {seq_len} tokens need about {need / 2**30:,.1f} GiB of activations per rank "
+            f"(estimate), and {free / 2**30:,.1f} GiB are available on {device.type}: set a smaller "
+            "trainer.micro_batch (gradients then accumulate over more of them), or trainer.activation_checkpointing"
+        )
 
 
 def memory_report(model: GPT, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:
@@ -36,10 +87,6 @@ def describe(report: dict[str, int]) -> str:
 
 
 def _meta_report(rank: int, world: int, cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str, every: int):
-    import torch.distributed as dist
-
-    from tp_attention.checkpointing import apply_activation_checkpointing
-
     with torch.device("meta"):
         model = GPT.from_config(cfg, tp_group=dist.group.WORLD if world > 1 else None)
     apply_activation_checkpointing(model, mode, every)
@@ -52,8 +99,6 @@ def layout_report(
     """The report of rank 0 at tp `tp`, from meta-device models (no memory used); with FSDP2 over
     `dp_shard` ranks, parameters, gradients and AdamW state are `1 / dp_shard` of that (FSDP2 pads each
     parameter's split dim to a multiple of dp_shard: at most one row, or column, per parameter more)."""
-    from tp_attention.testing import run_threaded
-
     if tp == 1:
         report = _meta_report(0, 1, cfg, micro_batch, seq_len, mode, every)
     else:

@@ -69,14 +69,14 @@ def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, tp:
     """`accelerator.prepare` of what accelerate can take as it is: `(model, optimizer)`, prepared.
 
     With a parallelism config (accelerate's multi-GPU path) the model goes through too, its TP shards intact:
-    accelerate 1.15 wraps nothing when the model's `tp_size` is the config's (accelerator.py:1903-1913), and
-    `_prepare_tp` (1581-1655) maps the optimizer to the same parameters (DTensors under our FSDP2; plain ones
-    under DDP, which it skips with a warning). Without one it would wrap the model in DDP over all ranks
-    (accelerator.py:2058-2060 on CPU, 1883-1900 on GPUs) and destroy the TP shards, so only the optimizer
-    goes through; on CPU accelerate never has one (parallelism_config.py:390-397 refuses MULTI_CPU). A config
-    with tp_size 1 is the same as none: accelerate then takes its DDP branch (accelerator.py:1883). With
-    mixed precision, accelerate's prepare_model also runs the model's forward under autocast (every call,
-    generation included) and casts its outputs to fp32 (accelerator.py:1824-1830). Sets `model.tp_size`.
+    in accelerate 1.16, `Accelerator.prepare_model` wraps nothing when the model's `tp_size` (read by
+    `get_model_tp_size`) is the config's, and `Accelerator._prepare_tp` maps the optimizer to the same
+    parameters (DTensors under our FSDP2; plain ones under DDP, which it skips with a warning). Without one,
+    `prepare_model` would wrap the model in DDP over all ranks and destroy the TP shards, so only the
+    optimizer goes through; on CPU accelerate never has one (`ParallelismConfig._validate_accelerator`
+    refuses MULTI_CPU). A config with tp_size 1 is the same as none: `prepare_model` then takes its DDP
+    branch. With mixed precision, `prepare_model` also runs the model's forward under autocast (every call,
+    generation included) and casts its outputs to fp32 (`convert_outputs_to_fp32`). Sets `model.tp_size`.
     """
     config = accelerator.parallelism_config
     if config is None or not config.tp_enabled:

@@ -58,19 +58,11 @@ def resolve_resume(resume: str, run_dir: Path, out_dir: Path, experiment: dict[s
                 "trainer.resume = auto: no intact checkpoint of this experiment under %s; starting at step 0", out_dir
             )
         return found
-    path = checkpoint.normalize_path(Path(resume).expanduser())
-    if (path / checkpoint.META).is_file():
-        problem = checkpoint.verify(path)
-        if problem:
-            raise ConfigError(f"trainer.resume = {resume!r} is not a usable checkpoint: {problem}")
-        found = path
-    else:
-        found, problems = checkpoint.latest_valid([path])
-        if found is None:
-            raise ConfigError(
-                f"trainer.resume = {resume!r} holds no intact checkpoint"
-                + (": " + "; ".join(problems) if problems else "")
-            )
+    found, problems = checkpoint.find_intact(checkpoint.normalize_path(Path(resume).expanduser()))
+    if found is None:
+        raise ConfigError(
+            f"trainer.resume = {resume!r} holds no intact checkpoint" + (": " + "; ".join(problems) if problems else "")
+        )
     mismatch = _mismatch(found, experiment)
     if mismatch is not None:
         log.info("warm start from %s, which is %s", found, mismatch)

@@ -15,8 +15,6 @@ import math
 
 from train.config import OptimConfig
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
-
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
     """The learning rate of (0-based) step `step`."""
