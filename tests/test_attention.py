@@ -172,6 +172,48 @@ def test_seed_document_example_runs_as_written():
     assert tuple(mha._q.weight.shape) == (512, 512)
 
 
+def test_the_seed_idiom_costs_one_computation_and_no_memory_of_its_own(monkeypatch):
+    """`[h.get_attention_weights(x) for h in mha._heads]`: the views are built once, all heads' weights
+    computed once and shared while a result lives; any change to the input, mask or weights recomputes."""
+    import copy
+    import gc
+    import pickle
+
+    mha = MultiHeadAttention(**CFG, generator=torch.Generator().manual_seed(0))
+    computed = []
+    real = MultiHeadAttention.get_attention_weights
+    monkeypatch.setattr(
+        MultiHeadAttention, "get_attention_weights", lambda *a, **k: computed.append(1) or real(*a, **k)
+    )
+    x, mask = torch.randn(2, 5, CFG["emb_size"]), torch.ones(2, 5, dtype=torch.bool)
+    assert mha._heads is mha._heads and len(mha._heads) == CFG["num_heads"]
+    weights = [head.get_attention_weights(x) for head in mha._heads]
+    assert len(computed) == 1
+    full = real(mha, x)
+    assert all(torch.equal(w, full[:, i]) for i, w in enumerate(weights))
+
+    def heads_cost(*args) -> int:
+        computed.clear()
+        [head.get_attention_weights(*args) for head in mha._heads]
+        return len(computed)
+
+    assert heads_cost(x) == 0  # the results above are still alive
+    assert heads_cost(x, mask) == 1  # another mask
+    assert heads_cost(x.clone()) == 1  # another tensor, the same numbers
+    x[0, 0, 0] += 1.0
+    assert heads_cost(x) == 1  # changed in place
+    with torch.no_grad():
+        mha._q.weight[0, 0] += 1.0
+    assert heads_cost(x) == 1  # new weights
+    kept = [head.get_attention_weights(x) for head in mha._heads]
+    assert torch.equal(torch.stack(kept, dim=1), real(mha, x))
+    del weights, kept
+    gc.collect()
+    assert heads_cost(x) == 1  # nothing kept once the results are gone: the cache holds no memory
+    copied = copy.deepcopy(mha)
+    assert copied._heads[0]._mha is copied and pickle.loads(pickle.dumps(mha))._heads[1].index == 1
+
+
 def test_seed_attributes_at_tp2():
     def attributes(rank, world):
         mha = MultiHeadAttention(6 * 2, 40, 8, 32, tp_group=dist.group.WORLD, generator=torch.Generator())

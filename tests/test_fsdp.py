@@ -39,7 +39,7 @@ def sharded_in_bf16(rank, world, state, idx, targets):
     load_full_state_dict(model, state)
     shard_data_parallel(model, data_parallel_mesh("cpu", 1, 2, 2), param_dtype=torch.bfloat16)
     seen = []
-    model._decoders[0]._heads.register_forward_pre_hook(lambda module, args: seen.append(module._q.weight.dtype))
+    model._decoders[0]._attention.register_forward_pre_hook(lambda module, args: seen.append(module._q.weight.dtype))
     dp = dist.get_rank(groups.dp_group)
     loss, grads = autocast_loss_and_grads(model, idx[dp::2], targets[dp::2])  # this DP rank's half of the batch
     dist.all_reduce(loss, group=groups.dp_group)

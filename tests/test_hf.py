@@ -280,6 +280,6 @@ def test_gpt2_as_the_hub_stores_it_without_the_transformer_prefix(tmp_path):
 
 def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
     model = GPT(**CASES["llama"]).to(torch.bfloat16)
-    rotary = model._decoders[0]._heads.rotary
+    rotary = model._decoders[0]._attention.rotary
     assert rotary.inv_freq.dtype == torch.float32
-    assert torch.equal(rotary.inv_freq, GPT(**CASES["llama"])._decoders[0]._heads.rotary.inv_freq)
+    assert torch.equal(rotary.inv_freq, GPT(**CASES["llama"])._decoders[0]._attention.rotary.inv_freq)

@@ -98,12 +98,12 @@ def test_nanogpt_style_initialisation():
     )
     block = model._decoders[0]
     assert abs(model._token_embeddings.weight.std().item() - 0.02) < 1e-3
-    assert abs(block._heads._q.weight.std().item() - 0.02) < 1e-3
+    assert abs(block._attention._q.weight.std().item() - 0.02) < 1e-3
     assert abs(block._ff._up.weight.std().item() - 0.02) < 1e-3
     residual_std = 0.02 / (2 * 8) ** 0.5
-    for w in (block._heads._layer.weight, block._ff._down.weight):
+    for w in (block._attention._layer.weight, block._ff._down.weight):
         assert abs(w.std().item() - residual_std) < 3e-4
-    assert torch.all(block._heads._q.bias == 0) and torch.all(block._ff._down.bias == 0)
+    assert torch.all(block._attention._q.bias == 0) and torch.all(block._ff._down.bias == 0)
 
 
 def generate_both_ways(rank, world, cfg, state, prompt):

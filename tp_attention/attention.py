@@ -16,6 +16,7 @@ max_seq_len)`, `forward(x, mask=None)` and `_heads[i].get_attention_weights(x)`.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -103,11 +104,47 @@ class HeadView:
         self.global_index = mha.head_offset + index
 
     def get_attention_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Softmax weights `[B, T, T]` this head uses for `x` (causal and masked; no dropout)."""
-        return self._mha.get_attention_weights(x, mask)[:, self.index]
+        """Softmax weights `[B, T, T]` this head uses for `x` (causal and masked; no dropout).
+
+        The weights of all this rank's heads are computed together and shared: while any head's result
+        for `x` is alive, the other heads' calls for the same `x` and `mask` (unchanged, same weights, same
+        grad mode) reuse it, so `[h.get_attention_weights(x) for h in mha._heads]` costs one computation.
+        """
+        return self._mha._shared_weights(x, mask)[:, self.index]
 
     def __repr__(self) -> str:
         return f"HeadView(head={self.global_index} of {self._mha.num_heads})"
+
+
+class SharedWeights:
+    """The last `[B, H_local, T, T]` weights the heads asked for, held weakly (no memory of its own: the
+    entry lives exactly as long as some head's result, a view of it, does) with what they were computed
+    from. Not copied or pickled with its module."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple, weakref.ref, weakref.ref | None, weakref.ref] | None = None
+
+    @staticmethod
+    def key(mha: MultiHeadAttention, x: torch.Tensor, mask: torch.Tensor | None) -> tuple:
+        parameters = tuple((id(p), p._version) for p in mha.parameters())
+        autocast = torch.is_autocast_enabled(x.device.type)
+        return x._version, None if mask is None else mask._version, parameters, torch.is_grad_enabled(), autocast
+
+    def get(self, key: tuple, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        if self._entry is None:
+            return None
+        saved_key, saved_x, saved_mask, weights = self._entry
+        same_mask = mask is None if saved_mask is None else saved_mask() is mask
+        return weights() if saved_key == key and saved_x() is x and same_mask else None
+
+    def put(self, key: tuple, x: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor) -> None:
+        self._entry = (key, weakref.ref(x), None if mask is None else weakref.ref(mask), weakref.ref(weights))
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._entry = None
 
 
 class KVCache:
@@ -217,11 +254,17 @@ class MultiHeadAttention(nn.Module):
         )
         self._dropout = SequenceParallelDropout(dropout, tp_group)
         self.rotary = None if rope_theta is None else RotaryEmbedding(head_size, rope_theta, rope_scaling)
+        self._heads = tuple(HeadView(self, i) for i in range(local_heads))  # the seed's heads, this rank's
+        self._last_weights = SharedWeights()
 
-    @property
-    def _heads(self) -> tuple[HeadView, ...]:
-        """One view per head on this rank (`num_heads / tp_size` of them)."""
-        return tuple(HeadView(self, i) for i in range(self.local_heads))
+    def _shared_weights(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """`get_attention_weights(x, mask)`, computed once for all heads while a result is alive."""
+        key = SharedWeights.key(self, x, mask)
+        weights = self._last_weights.get(key, x, mask)
+        if weights is None:
+            weights = self.get_attention_weights(x, mask)
+            self._last_weights.put(key, x, mask, weights)
+        return weights
 
     def _project(
         self, x: torch.Tensor, sequence_parallel: bool = False, positions: torch.Tensor | None = None

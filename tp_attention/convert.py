@@ -11,10 +11,11 @@ from collections.abc import Mapping
 import torch
 
 from tp_attention.config import GPTConfig
+from tp_attention.state_dict import current_name
 
 _BLOCK = {  # ours (inside _decoders.{i}.) -> nanoGPT (inside transformer.h.{i}.)
     "_norm1": "ln_1",
-    "_heads._layer": "attn.c_proj",
+    "_attention._layer": "attn.c_proj",
     "_norm2": "ln_2",
     "_ff._up": "mlp.c_fc",
     "_ff._down": "mlp.c_proj",
@@ -43,6 +44,7 @@ def to_nanogpt(state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
         ValueError: the config uses something nanoGPT cannot express.
     """
     _check_nanogpt_shape(cfg)
+    state = {current_name(name): tensor for name, tensor in state.items()}  # an older state dict's names too
     out = {"lm_head.weight": state["_token_embeddings.weight"]}
     for name, tensor in state.items():
         head, _, leaf = name.rpartition(".")
@@ -52,8 +54,8 @@ def to_nanogpt(state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
         _, layer, inner = head.split(".", 2)
         if inner in _BLOCK:
             out[f"transformer.h.{layer}.{_BLOCK[inner]}.{leaf}"] = tensor
-        elif inner == "_heads._q":
-            parts = [state[f"_decoders.{layer}._heads._{p}.{leaf}"] for p in "qkv"]
+        elif inner == "_attention._q":
+            parts = [state[f"_decoders.{layer}._attention._{p}.{leaf}"] for p in "qkv"]
             out[f"transformer.h.{layer}.attn.c_attn.{leaf}"] = torch.cat(parts, dim=0)
     return out
 
@@ -93,7 +95,7 @@ def from_nanogpt(state: Mapping[str, torch.Tensor], num_heads: int, dropout: flo
             _, _, layer, inner = head.split(".", 3)
             if inner == "attn.c_attn":
                 for part, chunk in zip("qkv", tensor.chunk(3, dim=0), strict=True):
-                    ours[f"_decoders.{layer}._heads._{part}.{leaf}"] = chunk
+                    ours[f"_decoders.{layer}._attention._{part}.{leaf}"] = chunk
             else:
                 ours[f"_decoders.{layer}.{block[inner]}.{leaf}"] = tensor
     return cfg, ours

@@ -32,7 +32,7 @@ from tp_attention.config import GPTConfig
 from tp_attention.groups import tp_rank, tp_size
 from tp_attention.rope import RotaryEmbedding
 from tp_attention.sharding import ShardSpec
-from tp_attention.state_dict import gather_shard, sharded_parameters, unshard_data_parallel
+from tp_attention.state_dict import current_name, gather_shard, sharded_parameters, unshard_data_parallel
 
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 GPT2_EOS = 50256
@@ -248,12 +248,12 @@ def _gpt2_sources(cfg: GPTConfig) -> dict[str, Source]:
         "_norm.weight": Source("transformer.ln_f.weight"),
         "_norm.bias": Source("transformer.ln_f.bias"),
     }
-    linears = (("attn.c_proj", "_heads._layer"), ("mlp.c_fc", "_ff._up"), ("mlp.c_proj", "_ff._down"))
+    linears = (("attn.c_proj", "_attention._layer"), ("mlp.c_fc", "_ff._up"), ("mlp.c_proj", "_ff._down"))
     for i in range(cfg.num_layers):
         hf, ours = f"transformer.h.{i}.", f"_decoders.{i}."
         for part, rows in zip("qkv", ((0, e), (e, 2 * e), (2 * e, 3 * e)), strict=True):
-            out[f"{ours}_heads._{part}.weight"] = Source(f"{hf}attn.c_attn.weight", True, rows)
-            out[f"{ours}_heads._{part}.bias"] = Source(f"{hf}attn.c_attn.bias", False, rows)
+            out[f"{ours}_attention._{part}.weight"] = Source(f"{hf}attn.c_attn.weight", True, rows)
+            out[f"{ours}_attention._{part}.bias"] = Source(f"{hf}attn.c_attn.bias", False, rows)
         for theirs, mine in linears:
             out[f"{ours}{mine}.weight"] = Source(f"{hf}{theirs}.weight", True)
             out[f"{ours}{mine}.bias"] = Source(f"{hf}{theirs}.bias")
@@ -265,10 +265,10 @@ def _gpt2_sources(cfg: GPTConfig) -> dict[str, Source]:
 def _llama_sources(cfg: GPTConfig) -> dict[str, Source]:
     out = {"_token_embeddings.weight": Source("model.embed_tokens.weight"), "_norm.weight": Source("model.norm.weight")}
     pairs = {
-        "self_attn.q_proj": "_heads._q",
-        "self_attn.k_proj": "_heads._k",
-        "self_attn.v_proj": "_heads._v",
-        "self_attn.o_proj": "_heads._layer",
+        "self_attn.q_proj": "_attention._q",
+        "self_attn.k_proj": "_attention._k",
+        "self_attn.v_proj": "_attention._v",
+        "self_attn.o_proj": "_attention._layer",
         "mlp.gate_proj": "_ff._gate",
         "mlp.up_proj": "_ff._up",
         "mlp.down_proj": "_ff._down",
@@ -369,7 +369,8 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype = torch.float3
         if kind == "gpt2" and "transformer.wte.weight" not in files.where and "wte.weight" in files.where:
             table = {k: replace(v, name=v.name.removeprefix("transformer.")) for k, v in table.items()}  # the Hub's
     else:
-        kind, table = "GPT.save", {name: Source(name) for name in ours}
+        saved = {current_name(name): name for name in files.where}  # an older export's names too
+        kind, table = "GPT.save", {name: Source(saved.get(name, name)) for name in ours}
     specs, local, problems, used = sharded_parameters(model), {}, [], set()
     for name, tensor in ours.items():
         spec, group = specs.get(name, (None, None))

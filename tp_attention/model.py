@@ -40,7 +40,7 @@ from tp_attention.layers import (
 )
 from tp_attention.rope import RotaryEmbedding
 from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel
-from tp_attention.state_dict import full_shapes, full_state_dict
+from tp_attention.state_dict import full_shapes, full_state_dict, rename_old_keys
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT
@@ -91,7 +91,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: GPTConfig, tp_group: Group, generator: torch.Generator | None) -> None:
         super().__init__()
         self._norm1 = make_norm(cfg)
-        self._heads = MultiHeadAttention(
+        self._attention = MultiHeadAttention(
             cfg.num_heads,
             cfg.emb_size,
             cfg.head_size,
@@ -109,6 +109,7 @@ class Decoder(nn.Module):
         self._norm2 = make_norm(cfg)
         self._ff = FeedForward(cfg, tp_group, generator)
         self.checkpointed = False  # recompute in backward (tp_attention.checkpointing)
+        self.register_load_state_dict_pre_hook(rename_old_keys)  # `_heads.*` of older state dicts
 
     def forward(
         self,
@@ -126,7 +127,7 @@ class Decoder(nn.Module):
         return self._block(h, kv_cache, sequence_parallel, mask, positions)
 
     def _block(self, h, kv_cache, sequence_parallel, mask, positions) -> torch.Tensor:
-        attn = self._heads(
+        attn = self._attention(
             self._norm1(h), mask, kv_cache=kv_cache, sequence_parallel=sequence_parallel, positions=positions
         )
         h = h + attn  # all-reduce 1 (forward), 1 (backward)
@@ -365,7 +366,7 @@ class GPT(nn.Module):
             h = h + self._position_embeddings(torch.arange(idx.size(1), device=idx.device))
         maps = []
         for block in self._decoders:
-            maps.append(block._heads.get_attention_weights(block._norm1(h), gather=gather))
+            maps.append(block._attention.get_attention_weights(block._norm1(h), gather=gather))
             h = block(h)
         return torch.stack(maps)
 

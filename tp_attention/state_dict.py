@@ -17,6 +17,24 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from tp_attention.groups import Group, process_group, tp_rank, tp_size
 from tp_attention.sharding import ShardSpec
 
+# Modules renamed since checkpoints were first written, old name -> new: a name in a state dict, export or DCP
+# checkpoint written before is read as today's (`Decoder._heads`, the attention module, was confused with
+# `MultiHeadAttention._heads`, the seed's list of heads).
+RENAMED_MODULES = {"_heads": "_attention"}
+
+
+def current_name(name: str) -> str:
+    """A tensor's name as today's model calls it: `_decoders.0._heads._q.weight` -> `..._attention._q.weight`."""
+    return ".".join(RENAMED_MODULES.get(part, part) for part in name.split("."))
+
+
+def rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """A `load_state_dict` pre-hook: `module`'s keys in `state_dict` under their current names."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + current_name(key[len(prefix) :])
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
+
 
 def sharded_parameters(model: nn.Module) -> dict[str, tuple[ShardSpec, Group]]:
     """`{qualified name: (spec, tp_group)}` for every sharded tensor of `model`."""
@@ -79,6 +97,7 @@ def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         ValueError: listing every parameter whose full shape differs, and (with `strict`) every
             missing or unexpected key.
     """
+    state_dict = {current_name(name): tensor for name, tensor in state_dict.items()}
     expected = full_shapes(model)
     problems = [
         f"{name}: checkpoint {tuple(state_dict[name].shape)} != model {tuple(shape)}"

@@ -35,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from tp_attention.state_dict import dcp_state_dict, full_shapes
+from tp_attention.state_dict import current_name, dcp_state_dict, full_shapes
 from train.checkpoints.dcp_metadata import SafeReader, UnsafeCheckpoint, load_metadata
 from train.config import ConfigError, TrainingError
 from train.run.ranks import barrier, is_main_process
@@ -166,8 +166,10 @@ def _write_marker(file: Path, content: dict[str, Any]) -> None:
     os.replace(tmp, file)
 
 
-def check_compatible(path: Path, model: nn.Module) -> None:
-    """Refuse a checkpoint of another model shape, listing every parameter that differs.
+def check_compatible(path: Path, model: nn.Module) -> dict[str, str]:
+    """Refuse a checkpoint of another model shape, listing every parameter that differs. Returns the
+    checkpoint's name of each of its tensors by today's name (older checkpoints use the names that
+    `tp_attention.state_dict.RENAMED_MODULES` maps to today's).
 
     Raises:
         ConfigError: a parameter is missing, unexpected, or has another (full) shape.
@@ -180,7 +182,7 @@ def check_compatible(path: Path, model: nn.Module) -> None:
             "share exports, model.safetensors, instead)"
         ) from None
     saved = {
-        k.removeprefix("model."): tuple(v.size)
+        current_name(k.removeprefix("model.")): tuple(v.size)
         for k, v in metadata.state_dict_metadata.items()
         if k.startswith("model.")
     }
@@ -194,6 +196,7 @@ def check_compatible(path: Path, model: nn.Module) -> None:
     problems += [f"{k}: not in the model" for k in saved if k not in expected]
     if problems:
         raise ConfigError(f"checkpoint {path} was saved from another model shape:\n  " + "\n  ".join(problems))
+    return {current_name(k): k for k in metadata.state_dict_metadata}
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh | None):
@@ -347,9 +350,10 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer, step: int) -> None:
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh | None) -> dict:
     """Load checkpoint `path` into `model` and `optimizer` at the current layout; returns its meta."""
     meta = read_meta(path)
-    check_compatible(path, model)
+    saved = check_compatible(path, model)
     init_optimizer_state(optimizer, meta["optimizer_steps"])
     state, finishes = _state(model, optimizer, mesh)
+    state = {saved.get(k, k): v for k, v in state.items()}
     with _quiet_single_process():
         dcp.load(
             state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), no_dist=not dist.is_initialized()
@@ -363,9 +367,9 @@ def load_model(path: Path, model: nn.Module, mesh: DeviceMesh | None = None) -> 
     """Load just the model tensors of checkpoint `path` into `model`, at any layout (a collective when
     `mesh` is given: every rank of it calls this); returns the checkpoint's meta."""
     meta = read_meta(path)
-    check_compatible(path, model)
+    saved = check_compatible(path, model)
     wrapped, finish = dcp_state_dict(model, model.state_dict(), mesh)
-    state = {f"model.{k}": v for k, v in wrapped.items()}
+    state = {saved.get(f"model.{k}", f"model.{k}"): v for k, v in wrapped.items()}
     with _quiet_single_process():
         dcp.load(
             state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), no_dist=not dist.is_initialized()
