@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed.tensor.debug import CommDebugMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tp_attention import MultiHeadAttention
+from tp_attention.fsdp import shard_data_parallel
 from tp_attention.groups import Group, TPGroup
 from tp_attention.model import GPT
 from tp_attention.testing import assert_close
@@ -272,3 +274,31 @@ def rank0_log(workdir: Path, run_id: str) -> str:
 def assert_same_curve(actual: list[float], expected: list[float], what: str) -> None:
     assert len(actual) == len(expected), f"{what}: {len(actual)} != {len(expected)} steps"
     assert_close(torch.tensor(actual), torch.tensor(expected), **CURVE_TOL, what=what)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """The most elements any tensor made inside the `with` block holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:  # not in place
+            self.numel = max(self.numel, out.untyped_storage().nbytes() // out.element_size())
+        return out
+
+
+def materialised(cfg: dict, tp_group=None, mesh=None, seed: int = 5) -> tuple[GPT, int]:
+    """The model built on meta (FSDP2-sharded there over `mesh`), then given its weights; the largest
+    tensor allocated while drawing them."""
+    with torch.device("meta"):
+        model = GPT(**cfg, tp_group=tp_group)
+    if mesh is not None:
+        shard_data_parallel(model, mesh)
+    model.to_empty(device="cpu")
+    with LargestAllocation() as largest:
+        model.reset_parameters(torch.Generator().manual_seed(seed))
+    return model, largest.numel

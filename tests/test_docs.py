@@ -41,3 +41,43 @@ def test_every_relative_link_points_to_a_file():
 
 def test_the_readme_fits_on_a_few_screens():
     assert len((ROOT / "README.md").read_bytes()) <= 12_000
+
+
+COMMAND_MODULES = sorted(
+    path.stem
+    for path in (ROOT / "train").glob("*.py")
+    if "def main(" in path.read_text() and path.stem not in ("__main__", "main")
+)
+
+
+def test_help_names_every_command_and_each_has_a_script():
+    from train.help import USAGE
+
+    assert len(COMMAND_MODULES) >= 8
+    assert sorted(re.findall(r"python -m train\.(\w+) ", USAGE)) == COMMAND_MODULES
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"', section, flags=re.M))
+    assert scripts == {"tp-train": "train.__main__:main"} | {f"tp-{c}": f"train.{c}:main" for c in COMMAND_MODULES}
+    readme = (ROOT / "README.md").read_text()
+    assert all(c in readme for c in COMMAND_MODULES)
+
+
+def test_the_docs_list_every_model_preset():
+    presets = sorted(path.stem for path in (ROOT / "conf" / "model").glob("*.yaml"))
+    listed = re.search(r"`model=([\w|]+)`", (ROOT / "docs" / "training.md").read_text()).group(1)
+    assert sorted(listed.split("|")) == presets
+
+
+def test_the_attention_reference_names_every_argument():
+    import inspect
+
+    from tp_attention import MultiHeadAttention
+
+    page = (ROOT / "docs" / "attention.md").read_text()
+    for method, shown in (
+        (MultiHeadAttention.__init__, "MultiHeadAttention("),
+        (MultiHeadAttention.forward, "forward("),
+    ):
+        signature = page[page.index(f"`{shown}") : page.index(")`", page.index(f"`{shown}"))]
+        names = [n for n in inspect.signature(method).parameters if n != "self"]
+        assert [n for n in names if not re.search(rf"\b{n}\b", signature)] == [], shown

@@ -271,7 +271,7 @@ def test_schedules_and_their_warnings():
 def test_the_global_batch_is_the_experiment_not_its_layout():
     from omegaconf import OmegaConf
 
-    from tests.test_train import compose_config
+    from train.config import compose_config
 
     def fingerprint_of(overrides):
         return experiment(OmegaConf.structured(compose_config(overrides)))

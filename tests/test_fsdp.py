@@ -12,8 +12,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
-from tests.helpers import CASES, gpt_batch
-from tests.test_init import materialised
+from tests.helpers import CASES, gpt_batch, materialised
 from tp_attention import full_grads, full_state_dict, load_full_state_dict
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.fsdp import data_parallel_mesh, shard_data_parallel

@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tp_attention.init
-from tests.helpers import CASES
+from tests.helpers import CASES, materialised
 from tp_attention import ShardSpec, full_state_dict
 from tp_attention.distributed import init_parallel_groups
-from tp_attention.fsdp import data_parallel_mesh, shard_data_parallel
+from tp_attention.fsdp import data_parallel_mesh
 from tp_attention.init import Init, fill_, rows_per_chunk
 from tp_attention.model import GPT
 from tp_attention.testing import run_processes, run_threaded
@@ -26,34 +25,6 @@ SMALL_CHUNK = 256  # numbers per drawn chunk: the embedding (251 x 48) takes 48 
 
 def eager(cfg: dict, seed: int = 5) -> dict[str, torch.Tensor]:
     return GPT(**cfg, generator=torch.Generator().manual_seed(seed)).state_dict()
-
-
-class LargestAllocation(TorchDispatchMode):
-    """The most elements any tensor made inside the `with` block holds."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:  # not in place
-            self.numel = max(self.numel, out.untyped_storage().nbytes() // out.element_size())
-        return out
-
-
-def materialised(cfg: dict, tp_group=None, mesh=None, seed: int = 5) -> tuple[GPT, int]:
-    """The model built on meta (FSDP2-sharded there over `mesh`), then given its weights; the largest
-    tensor allocated while drawing them."""
-    with torch.device("meta"):
-        model = GPT(**cfg, tp_group=tp_group)
-    if mesh is not None:
-        shard_data_parallel(model, mesh)
-    model.to_empty(device="cpu")
-    with LargestAllocation() as largest:
-        model.reset_parameters(torch.Generator().manual_seed(seed))
-    return model, largest.numel
 
 
 @pytest.mark.parametrize("shape", [(250, 48), (33, 7), (1000,), (5, 3)])

@@ -135,6 +135,11 @@ def test_imports_follow_the_map_and_form_no_cycle():
     assert not cycles(graph)
 
 
+def test_test_modules_do_not_import_each_other():
+    found = {f"tests.{path.stem}": path for path in (ROOT / "tests").glob("test_*.py")}
+    assert {name: imports(name, path, set(found)) for name, path in found.items()} == {name: set() for name in found}
+
+
 def test_the_checks_see_an_upward_import_a_cycle_and_an_unmapped_module():
     graph = {"tp_attention.a": {"tp_attention.b"}, "tp_attention.b": {"tp_attention.a"}, "tp_attention.c": {"train"}}
     row = {"tp_attention.a": 1, "tp_attention.b": 2, "tp_attention.c": 0, "train": 1}

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import ATTENTION
 from tp_attention import MultiHeadAttention, load_full_state_dict
 from tp_attention.model import GPT
 from tp_attention.testing import assert_close, run_threaded
@@ -79,12 +80,24 @@ def attention_cases(draw):
     return tp, cfg, x, mask, dtype
 
 
+REFUSED = (2, dict(ATTENTION, num_kv_heads=3), torch.zeros(1, 2, ATTENTION["emb_size"]), None, torch.float32)
+
+
 @SETTINGS
 @given(attention_cases())
+@example(REFUSED)  # a layout the reference refuses: every rank must refuse it alike
 def test_attention_matches_or_refuses(case):
     tp, cfg, x, mask, dtype = case
     built = outcome(lambda: MultiHeadAttention(**cfg, generator=torch.Generator().manual_seed(0)))
-    if built[0] == "error":
+    if built[0] == "error":  # every rank refuses it too, with the same message
+        event(f"reference refused: {built[1]}")
+
+        def construct(rank, world):
+            group = dist.group.WORLD if world > 1 else None
+            return outcome(lambda: MultiHeadAttention(**cfg, tp_group=group, generator=torch.Generator()))
+
+        for result in run_threaded(tp, construct) if tp > 1 else [construct(0, 1)]:
+            assert result == built, f"sharded {result[:3]} vs reference {built}"
         return
     reference = built[1]
     if dtype == torch.bfloat16:

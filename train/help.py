@@ -15,7 +15,15 @@ USAGE = """usage: python -m train [GROUP=OPTION ...] [section.field=VALUE ...]  
        torchrun --nproc_per_node N -m train parallel.tp=T ...             N processes, dp = N / T
 
 Hydra's own flags (--cfg job, --config-dir DIR, ...): python -m train --hydra-help.
-Other commands: python -m train.sample | train.evaluate | train.compare | train.export | train.rerun (--help each).
+Other commands (--help each):
+  python -m train.sample    generate text from a run, checkpoint, export or Hugging Face directory
+  python -m train.evaluate  loss and perplexity on a text file or the run's validation split
+  python -m train.compare   a table and plots of runs or a sweep
+  python -m train.export    a checkpoint as one unsharded model file
+  python -m train.convert   between our export and Hugging Face's formats
+  python -m train.rerun     repeat a run from its run.json
+  python -m train.status    the state of the run a command line would use
+  python -m train.memory    the per-rank memory of a layout, before it runs
 """
 
 

@@ -299,7 +299,9 @@ class Checkpointer:
 
 def _attempt(action: Callable[[], None]) -> tuple[str, bool] | None:
     """Run `action`; None if it succeeded, else `(one-line reason, whether the cause is a full disk)`.
-    DCP raises `CheckpointException` (a BaseException) wrapping each rank's error."""
+    DCP raises `CheckpointException` (a BaseException) wrapping each rank's error; a full disk is an
+    ENOSPC/EDQUOT OSError anywhere in that chain (torch's zip writer raises RuntimeError "unexpected pos"
+    for a short write, with the ENOSPC OSError as its context)."""
     try:
         action()
     except (KeyboardInterrupt, SystemExit):
@@ -327,9 +329,7 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 
 def _first_failure(failure: tuple[str, bool] | None) -> tuple[str, bool] | None:
-    """The first rank's failure, the same on every rank (one small all-gather); a failure with no errno of
-    its own (torch's writer reports a full disk as "unexpected pos") counts as a full disk when the disk is
-    nearly full."""
+    """The first rank's failure, the same on every rank (one small all-gather)."""
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, failure)
