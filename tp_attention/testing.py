@@ -80,6 +80,7 @@ def _process_worker(rank: int, world_size: int, init_file: str, out_dir: str, fn
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears its connections down while a peer may still be using them
     finally:
         dist.destroy_process_group()
 
