@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp_attention.groups import Group, check_group, tp_rank, tp_size
+from tp_attention.context import cp_rank, cp_size, local_positions, ring_attention
+from tp_attention.groups import Group, ProcessGroup, check_group, tp_rank, tp_size
 from tp_attention.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -194,13 +195,16 @@ class MultiHeadAttention(nn.Module):
             base; None for no rotation (positions then come from outside, e.g. learned embeddings).
         rope_scaling: Llama 3's frequency scaling for RoPE (`tp_attention.rope.check_rope_scaling`).
         tp_group: the tensor-parallel group (a process group or a TPGroup), or None for no parallelism.
+        cp_group: the context-parallel group (`tp_attention.context`): with `forward(...,
+            context_parallel=True)` each of its ranks holds `T / cp` tokens and attention runs as a ring.
         init_std, out_init_std: None for nn.Linear's init; else N(0, std) weights for Q/K/V and
             the output projection (out_init_std defaults to init_std).
         generator: RNG for the full weights (default: torch's global RNG).
 
     Shapes: forward(x `[B, T, E]`, mask) -> `[B, T, E]`; with `sequence_parallel=True` x and the
     output are this rank's tokens `[B, T / tp, E]` (all-gathered before the projections, reduce-scattered
-    after the output projection).
+    after the output projection). With `context_parallel=True` they are this CP rank's `T / cp` tokens
+    (chunks `r` and `2cp - 1 - r`, `tp_attention.context.local_positions`), and `T / (cp * tp)` with both.
 
     Raises:
         TypeError: a size is not an integer, or tp_group is not a group.
@@ -222,6 +226,7 @@ class MultiHeadAttention(nn.Module):
         rope_theta: float | None = None,
         rope_scaling: dict | None = None,
         tp_group: Group = None,
+        cp_group: ProcessGroup | None = None,
         init_std: float | None = None,
         out_init_std: float | None = None,
         generator: torch.Generator | None = None,
@@ -233,7 +238,7 @@ class MultiHeadAttention(nn.Module):
         local_heads = num_heads // tp
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.emb_size, self.max_seq_len, self.causal = emb_size, max_seq_len, causal
-        self.tp_group = tp_group
+        self.tp_group, self.cp_group = tp_group, cp_group
         self.local_heads = local_heads
         self.local_kv_heads = max(num_kv_heads // tp, 1)
         self.head_offset = tp_rank(tp_group) * self.local_heads
@@ -318,6 +323,7 @@ class MultiHeadAttention(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         sequence_parallel: bool = False,
+        context_parallel: bool = False,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend over `x` `[B, T, E]` (optionally masked, see `normalize_mask`); returns `[B, T, E]`.
@@ -325,6 +331,8 @@ class MultiHeadAttention(nn.Module):
         With `kv_cache`, `x` holds only the new tokens: they attend to the cached ones and to each
         other, and their keys/values are appended (a mask then has `T_cached + T` keys).
         With `sequence_parallel` (tp > 1), `x` and the result are this rank's `T / tp` tokens.
+        With `context_parallel` (cp > 1), they are this CP rank's tokens of sequences `cp` times as long,
+        attended to as a ring over `cp_group` (no mask, no KV cache; positions default to the tokens' own).
         `positions` (RoPE only): the positions of all T tokens, `[T]` or `[B, T]` (left padding); default
         `T_cached .. T_cached + T - 1`.
         A query row whose every key is masked attends to nothing: its head output is zero.
@@ -336,6 +344,14 @@ class MultiHeadAttention(nn.Module):
             if kv_cache is not None:
                 raise ValueError("sequence parallel: a KV cache was given; decode without sequence parallelism")
             check_seq_len(x.size(1) * tp, self.max_seq_len, name=f"{x.size(1)} tokens per rank x tp_size {tp}")
+        cp = cp_size(self.cp_group) if context_parallel else 1
+        if cp > 1:
+            if kv_cache is not None or mask is not None:
+                raise ValueError("context parallelism: a mask or KV cache was given; attend without context_parallel")
+            local = x.size(1) * (tp if sequence_parallel else 1)  # this CP rank's tokens
+            check_seq_len(local * cp, self.max_seq_len, name=f"{local} tokens per CP rank x cp {cp}")
+            if positions is None and self.rotary is not None:
+                positions = local_positions(local * cp, cp, cp_rank(self.cp_group), x.device)
         if positions is None and kv_cache is not None and self.rotary is not None:
             positions = torch.arange(kv_cache.length, kv_cache.length + x.size(1), device=x.device)
         q, k, v = self._project(x, sequence_parallel, positions)  # (B, H_local, T, D), (B, KV_local, T, D) x2
@@ -348,7 +364,9 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.append(k, v)  # (B, KV_local, T_cached + T, D): keys already rotated
         seq_k = k.size(2)
         gqa = self.local_kv_heads != self.local_heads
-        if mask is None and (seq_k == seq_len or seq_len == 1 or not self.causal):
+        if cp > 1:
+            y = ring_attention(q, k, v, self.cp_group, self.causal)  # keys and values of all T * cp tokens
+        elif mask is None and (seq_k == seq_len or seq_len == 1 or not self.causal):
             causal = self.causal and seq_len > 1  # one new token may see every cached key
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:

@@ -28,8 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 from tp_attention.attention import KVCache, MultiHeadAttention
 from tp_attention.config import GPTConfig
+from tp_attention.context import cp_rank, cp_size, local_positions, shard_sequence
 from tp_attention.generation import generate
-from tp_attention.groups import Group, check_group, tp_rank, tp_size
+from tp_attention.groups import Group, ProcessGroup, check_group, tp_rank, tp_size
 from tp_attention.hf import load_weights, read_config, save_pretrained
 from tp_attention.init import Init, fill_
 from tp_attention.layers import (
@@ -39,7 +40,7 @@ from tp_attention.layers import (
     fused_column_parallel,
 )
 from tp_attention.rope import RotaryEmbedding
-from tp_attention.shapes import check_gpt, check_seq_len, check_sequence_parallel
+from tp_attention.shapes import check_context_parallel, check_gpt, check_seq_len, check_sequence_parallel
 from tp_attention.state_dict import full_shapes, full_state_dict, rename_old_keys
 from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -88,7 +89,9 @@ class FeedForward(nn.Module):
 class Decoder(nn.Module):
     """Pre-norm transformer block: `h + attn(norm(h))`, then `h + mlp(norm(h))`."""
 
-    def __init__(self, cfg: GPTConfig, tp_group: Group, generator: torch.Generator | None) -> None:
+    def __init__(
+        self, cfg: GPTConfig, tp_group: Group, generator: torch.Generator | None, cp_group: ProcessGroup | None = None
+    ) -> None:
         super().__init__()
         self._norm1 = make_norm(cfg)
         self._attention = MultiHeadAttention(
@@ -102,6 +105,7 @@ class Decoder(nn.Module):
             rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
             rope_scaling=cfg.rope_scaling,
             tp_group=tp_group,
+            cp_group=cp_group,
             init_std=INIT_STD,
             out_init_std=INIT_STD / math.sqrt(2 * cfg.num_layers),
             generator=generator,
@@ -118,17 +122,23 @@ class Decoder(nn.Module):
         sequence_parallel: bool = False,
         mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        context_parallel: bool = False,
     ) -> torch.Tensor:
-        """`h` `[B, T[/tp], E]`; `mask` and `positions` (RoPE) as for `MultiHeadAttention.forward`."""
+        """`h` `[B, T[/cp][/tp], E]`; `mask`, `positions` (RoPE) and the parallel flags as for
+        `MultiHeadAttention.forward`."""
+        args = (sequence_parallel, mask, positions, context_parallel)
         if self.checkpointed and kv_cache is None and torch.is_grad_enabled():
-            return checkpoint(
-                self._block, h, None, sequence_parallel, mask, positions, use_reentrant=False, preserve_rng_state=True
-            )
-        return self._block(h, kv_cache, sequence_parallel, mask, positions)
+            return checkpoint(self._block, h, None, *args, use_reentrant=False, preserve_rng_state=True)
+        return self._block(h, kv_cache, *args)
 
-    def _block(self, h, kv_cache, sequence_parallel, mask, positions) -> torch.Tensor:
+    def _block(self, h, kv_cache, sequence_parallel, mask, positions, context_parallel) -> torch.Tensor:
         attn = self._attention(
-            self._norm1(h), mask, kv_cache=kv_cache, sequence_parallel=sequence_parallel, positions=positions
+            self._norm1(h),
+            mask,
+            kv_cache=kv_cache,
+            sequence_parallel=sequence_parallel,
+            context_parallel=context_parallel,
+            positions=positions,
         )
         h = h + attn  # all-reduce 1 (forward), 1 (backward)
         return h + self._ff(self._norm2(h), sequence_parallel)  # all-reduce 2 (forward), 2 (backward)
@@ -140,13 +150,19 @@ class GPT(nn.Module):
     The seed project's signature: `GPT(vocab_size, max_seq_len, emb_size, num_heads, head_size,
     num_layers, dropout=0.1, **options)` with options the other GPTConfig fields (`num_kv_heads`, `bias`,
     `tie_embeddings`, `norm`, `activation`, `position`, ...), plus `tp_group`, `generator` (RNG for the
-    full weights; one seed gives the same logical model at every tp) and `sequence_parallel`.
+    full weights; one seed gives the same logical model at every tp), `sequence_parallel` and `cp_group`.
     `GPT.from_pretrained` / `save_pretrained` read and write Hugging Face GPT-2 and Llama directories.
 
     `sequence_parallel` (Korthikanti et al.; tp > 1): in training forwards, LayerNorms, dropout and
     residual adds run on `T / tp` tokens per rank; all-gather enters and reduce-scatter leaves each
     TP region. Call `tp_attention.grad_norm.sync_replicated_grads` after backward. Generation and
     `attention_maps` run without it.
+
+    `cp_group` (context parallelism, `tp_attention.context`): training forwards (`model(idx, targets)`)
+    keep this CP rank's `T / cp` tokens of every sequence (chunks `r` and `2cp - 1 - r`), RoPE and learned
+    positions at each token's own position, and attention runs as a ring over the group. The loss is the
+    mean over this rank's tokens: average it (and the gradients, as DDP and FSDP2 do) over the CP ranks.
+    Every CP rank holds the same parameters; logits and generation run on whole sequences, without it.
 
     Raises:
         TypeError: a size is not an integer, or tp_group is not a group.
@@ -166,6 +182,7 @@ class GPT(nn.Module):
         tp_group: Group = None,
         generator: torch.Generator | None = None,
         sequence_parallel: bool = False,
+        cp_group: ProcessGroup | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -183,6 +200,7 @@ class GPT(nn.Module):
         )
         check_gpt(cfg, tp_size(check_group(tp_group)))
         self.config, self.tp_group, self.sequence_parallel = cfg, tp_group, sequence_parallel
+        self.cp_group = cp_group
         self._token_embeddings = VocabParallelEmbedding(
             cfg.vocab_size, cfg.emb_size, tp_group=tp_group, init_std=INIT_STD, generator=generator
         )
@@ -197,7 +215,7 @@ class GPT(nn.Module):
                 generator=generator,
             )
         self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
-        self._decoders = nn.ModuleList(Decoder(cfg, tp_group, generator) for _ in range(cfg.num_layers))
+        self._decoders = nn.ModuleList(Decoder(cfg, tp_group, generator, cp_group) for _ in range(cfg.num_layers))
         self._norm = make_norm(cfg)
         self._lm_head = (
             None
@@ -214,10 +232,12 @@ class GPT(nn.Module):
         tp_group: Group = None,
         generator: torch.Generator | None = None,
         sequence_parallel: bool = False,
+        cp_group: ProcessGroup | None = None,
     ) -> GPT:
         """Build from a GPTConfig or a mapping of its fields (e.g. a Hydra config)."""
         values = asdict(cfg) if isinstance(cfg, GPTConfig) else dict(cfg)
-        return cls(**values, tp_group=tp_group, generator=generator, sequence_parallel=sequence_parallel)
+        parallel = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, cp_group=cp_group)
+        return cls(**values, generator=generator, **parallel)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Draw every weight again from `generator`, in the constructor's order, so the same seed gives the
@@ -280,13 +300,18 @@ class GPT(nn.Module):
         kv_caches: list[KVCache] | None = None,
         sequence_parallel: bool = False,
         attention_mask: torch.Tensor | None = None,
+        context_parallel: bool = False,
     ) -> torch.Tensor:
         """Final-norm hidden states `[B, T, E]` (replicated on every TP rank), or this rank's
-        tokens `[B, T / tp, E]` with `sequence_parallel`."""
+        tokens `[B, T / tp, E]` with `sequence_parallel`. With `context_parallel`, `idx` is this CP rank's
+        `[B, T / cp]` tokens of `T`-token sequences."""
         self._check_ids(idx, "idx")
         start = kv_caches[0].length if kv_caches else 0
-        check_seq_len(start + idx.size(1), self.config.max_seq_len)
+        cp = cp_size(self.cp_group) if context_parallel else 1
+        check_seq_len(start + idx.size(1) * cp, self.config.max_seq_len)
         mask, positions = None, torch.arange(start, start + idx.size(1), device=idx.device)  # all T tokens
+        if cp > 1:  # this CP rank's chunks
+            positions = local_positions(idx.size(1) * cp, cp, cp_rank(self.cp_group), idx.device)
         if attention_mask is not None:
             mask, positions = self._padding(idx, start, attention_mask)
         tp = tp_size(self.tp_group)
@@ -299,7 +324,8 @@ class GPT(nn.Module):
             h = h + self._position_embeddings(mine)
         h = self._dropout(h, sequence_parallel)
         for i, block in enumerate(self._decoders):
-            h = block(h, None if kv_caches is None else kv_caches[i], sequence_parallel, mask, positions)
+            kv_cache = None if kv_caches is None else kv_caches[i]
+            h = block(h, kv_cache, sequence_parallel, mask, positions, context_parallel)
         return self._norm(h)
 
     def forward(
@@ -315,7 +341,8 @@ class GPT(nn.Module):
 
         With `targets` `[B, T]`: the mean next-token cross-entropy, computed from vocab-sharded
         logits (the full logits are never built); targets equal to `ignore_index` are skipped. Only this
-        training forward uses sequence parallelism (when the model was built with it).
+        training forward uses sequence and context parallelism (when the model was built with them);
+        under context parallelism it is the mean over this CP rank's tokens (see the class docstring).
 
         `attention_mask` `[B, T_cached + T]` (1 = token, 0 = padding, Hugging Face's convention): padded
         keys are never attended to, positions count per sequence (left padding), and the loss skips the
@@ -334,7 +361,13 @@ class GPT(nn.Module):
         if attention_mask is not None:
             targets = targets.masked_fill(attention_mask[:, -idx.size(1) :] == 0, ignore_index)
         sequence_parallel = self.sequence_parallel and kv_caches is None
-        hidden = self._hidden(idx, kv_caches, sequence_parallel, attention_mask)
+        context_parallel = cp_size(self.cp_group) > 1 and kv_caches is None
+        if context_parallel:  # this CP rank's tokens (and their targets) from here on
+            if attention_mask is not None:
+                raise ValueError("context parallelism: attention_mask is not supported; train on whole sequences")
+            check_context_parallel(idx.size(1), cp_size(self.cp_group), "idx's seq_len")
+            idx, targets = shard_sequence(idx, self.cp_group), shard_sequence(targets, self.cp_group)
+        hidden = self._hidden(idx, kv_caches, sequence_parallel, attention_mask, context_parallel)
         local_logits = head.logits(hidden, sequence_parallel)  # (B, T, V_local)
         return vocab_parallel_cross_entropy(local_logits, targets, head.vocab_start, ignore_index, self.tp_group)
 

@@ -160,3 +160,12 @@ def check_sequence_parallel(seq_len: int, tp: int, *, name: str = "seq_len", tp_
     """Sequence parallelism splits the tokens over tp."""
     if seq_len % tp != 0:
         raise ValueError(f"{name} = {seq_len} must be divisible by {tp_name} = {tp} under sequence parallelism")
+
+
+def check_context_parallel(seq_len: int, cp: int, name: str = "seq_len") -> None:
+    """Raise ValueError unless `seq_len` splits into `2 * cp` equal chunks (the load-balanced layout)."""
+    if cp > 1 and seq_len % (2 * cp):
+        raise ValueError(
+            f"{name} = {seq_len} must be a multiple of 2 * cp = {2 * cp} for context parallelism "
+            "(each CP rank holds two equal chunks of every sequence)"
+        )
