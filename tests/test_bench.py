@@ -173,3 +173,23 @@ def test_sharded_memory_benchmark_measures_each_layout(tmp_path):
     whole = rows[0]["local_param_bytes"]
     assert all(0.2 < r["local_param_bytes"] / whole < 0.3 for r in rows[3:])  # a quarter: norms are replicated
     assert all(r["peak_growth"] > 0 and r["draw_seconds"] > 0 and r["save_peak_growth"] >= 0 for r in rows)
+
+
+def test_context_parallel_benchmark_halves_the_activations_per_rank(tmp_path):
+    """`python -m bench.context_parallel` end to end at a short sequence; bytes (not times) are asserted:
+    what autograd saves per rank at cp=2 is at most 0.55 of cp=1's (the issue's goal)."""
+    command = [sys.executable, "-m", "bench.context_parallel", "--seq-len", "1024", "--steps", "1"]
+    subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "context_parallel.json").read_text())
+    rows = {(r["what"], r["cp"], r.get("threads"), r["rank"]) for r in result["rows"]}
+    assert rows == {
+        ("gpt", 1, None, 0),
+        ("gpt", 2, None, 0),
+        ("gpt", 2, None, 1),
+        ("sdpa", 1, 1, 0),
+        ("sdpa", 1, 2, 0),
+        ("ring", 2, 1, 0),
+        ("ring", 2, 1, 1),
+    }
+    saved = {r["cp"]: r["saved_bytes"] for r in result["rows"] if r["what"] == "gpt" and r["rank"] == 0}
+    assert saved[2] <= 0.55 * saved[1]

@@ -123,8 +123,9 @@ def gpt_under_cp(rank, world, config, state, idx, targets, tp, sequence_parallel
         (LLAMA_LIKE, 2, 1, False, True),
         (LLAMA_LIKE, 4, 2, True, False),
         (GPT2_LIKE, 4, 2, False, True),
+        (LLAMA_LIKE | dict(num_kv_heads=1), 4, 2, False, False),
     ],
-    ids=["gpt2-cp2", "llama-cp2-checkpointed", "llama-cp2xtp2-sp", "gpt2-cp2xtp2-checkpointed"],
+    ids=["gpt2-cp2", "llama-cp2-checkpointed", "llama-cp2xtp2-sp", "gpt2-cp2xtp2-checkpointed", "mqa-cp2xtp2"],
 )
 def test_a_gpt_split_over_cp_ranks_has_one_process_loss_and_gradients(
     config, world, tp, sequence_parallel, checkpointing

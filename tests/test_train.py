@@ -45,6 +45,18 @@ def test_default_config_composes_and_is_valid():
         ),
         (["model.num_kv_heads=3"], 1, r"model.num_heads = 4 must be divisible by model.num_kv_heads = 3"),
         (["parallel.tp=2"], 3, r"world_size = 3 must be divisible by parallel.tp = 2"),
+        (
+            ["parallel.tp=2", "parallel.cp=2"],
+            6,
+            r"world_size = 6 must be divisible by parallel.tp x parallel.cp = 2 x 2",
+        ),
+        (["parallel.cp=0"], 1, r"parallel.cp = 0 must be a positive integer"),
+        (["parallel.cp=2", "trainer.seq_len=30"], 2, r"trainer.seq_len = 30 must be a multiple of 2 \* cp = 4"),
+        (
+            ["parallel.cp=2", "parallel.tp=4", "parallel.sequence_parallel=true", "trainer.seq_len=36"],
+            8,
+            r"trainer.seq_len / parallel.cp = 36 / 2 = 18 must be divisible by parallel.tp = 4",
+        ),
         (["trainer.seq_len=256"], 1, r"trainer.seq_len = 256 must be <= model.max_seq_len = 128"),
         (["trainer.micro_batch=0"], 1, r"trainer.micro_batch = 0 must be a positive integer"),
         (["model.emb_size=-8"], 1, r"model.emb_size = -8 must be a positive integer"),
@@ -58,7 +70,16 @@ def test_default_config_composes_and_is_valid():
         (["parallel.timeout_s=nan"], 1, r"parallel.timeout_s = nan must be a finite number in \(0, inf\)"),
         (["trainer.spike_factor=0.5"], 1, r"trainer.spike_factor = 0.5 must be 0 \(off\) or above 1"),
         (["trainer.mixed_precision=fp8"], 1, r"trainer.mixed_precision = 'fp8' must be one of no, bf16, fp16"),
-        (["parallel.dp_shard=3"], 4, r"parallel.dp_shard = 3 must divide dp = world_size / parallel.tp = 4 / 1 = 4"),
+        (
+            ["parallel.dp_shard=3"],
+            4,
+            r"parallel.dp_shard = 3 must divide dp = world_size / parallel.tp = 4 / 1 = 4",
+        ),
+        (
+            ["parallel.dp_shard=3", "parallel.cp=2"],
+            8,
+            r"parallel.dp_shard = 3 must divide dp = world_size / \(parallel.tp x parallel.cp\) = 8 / 2 = 4",
+        ),
         (
             ["parallel.dp_shard=2", "parallel.dp_replicate=3"],
             4,
@@ -168,18 +189,27 @@ LAYOUT_RUNS = {  # activation checkpointing rides along: it must not change the 
     ),
     "fsdp4": (["parallel.dp_shard=4"], 4),
     "hsdp2x2": (["parallel.dp_shard=2", "parallel.dp_replicate=2"], 4),
+    "cp2_tp2_sp_full_ac": (
+        ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "trainer.activation_checkpointing=full"],
+        4,
+    ),
+    "fsdp2_cp2": (["parallel.dp_shard=2", "parallel.cp=2"], 4),
 }
 FOUR_RANKS = [name for name, (_, nproc) in LAYOUT_RUNS.items() if nproc == 4]
+IN_THE_DEFAULT_SUITE = ["cp2_tp2_sp_full_ac"]  # context parallelism composed with TP, at 10 steps
 
 
 @pytest.mark.parametrize(
     "layout",
-    [pytest.param(name, marks=pytest.mark.slow) if name in FOUR_RANKS else name for name in LAYOUT_RUNS],
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in FOUR_RANKS and name not in IN_THE_DEFAULT_SUITE else name
+        for name in LAYOUT_RUNS
+    ],
 )
 def test_layouts_agree_with_the_single_process_run(workdir, request, layout):
-    """10-step curves; 20 for the four-rank FSDP2 layouts (slow), against a 20-step single-process run."""
+    """10-step curves; 20 for the other four-rank layouts (slow), against a 20-step single-process run."""
     overrides, nproc = LAYOUT_RUNS[layout]
-    steps = 20 if layout in FOUR_RANKS else 10
+    steps = 20 if layout in FOUR_RANKS and layout not in IN_THE_DEFAULT_SUITE else 10
     reference = request.getfixturevalue("single" if steps == 10 else "single_20_steps")
     train(workdir, layout, [f"trainer.max_steps={steps}", "trainer.batch_size=8", *overrides], nproc)
     assert_same_curve(losses(workdir, layout), reference, layout)
@@ -197,12 +227,49 @@ def test_fsdp2_shards_the_state_and_its_checkpoints_load_at_other_layouts(workdi
         run: json.loads((workdir / "runs" / run / "run.json").read_text())["memory"] for run in ("single", "fsdp2")
     }
     assert 0.49 < memory["fsdp2"]["parameters"] / memory["single"]["parameters"] < 0.52
-    step5 = workdir / "runs" / "fsdp2" / "checkpoints" / "step_5"
-    train(workdir, "fsdp2_to_1", [*overrides, f"trainer.resume={step5}"])
-    assert_same_curve(losses(workdir, "fsdp2_to_1"), single, "FSDP2 checkpoint resumed in one process")
+    assert_checkpoints_cross_layouts(workdir, single, "fsdp2", ["parallel.dp_shard=2"], 2)
+
+
+def assert_checkpoints_cross_layouts(workdir, single, run: str, layout: list[str], nproc: int) -> None:
+    """`run`'s step-5 checkpoint resumes in one process, and the one-process run's resumes at `layout`, both on
+    the single-process curve."""
+    overrides = ["trainer.max_steps=10", "trainer.batch_size=8"]
+    step5 = workdir / "runs" / run / "checkpoints" / "step_5"
+    train(workdir, f"{run}_to_1", [*overrides, f"trainer.resume={step5}"])
+    assert_same_curve(losses(workdir, f"{run}_to_1"), single, f"{run} checkpoint resumed in one process")
     step5 = workdir / "runs" / "single" / "checkpoints" / "step_5"
-    train(workdir, "1_to_fsdp2", [*overrides, f"trainer.resume={step5}", "parallel.dp_shard=2"], 2)
-    assert_same_curve(losses(workdir, "1_to_fsdp2"), single, "one-process checkpoint resumed under FSDP2")
+    train(workdir, f"1_to_{run}", [*overrides, f"trainer.resume={step5}", *layout], nproc)
+    assert_same_curve(losses(workdir, f"1_to_{run}"), single, f"one-process checkpoint resumed at {layout}")
+
+
+def test_cp2_follows_the_single_process_curve_and_its_checkpoints_resume_at_other_layouts(workdir, single):
+    """parallel.cp=2: the same loss and validation curve, activations per rank halved in the report; its
+    checkpoint (data position, RNG) resumes in one process, and a one-process checkpoint resumes at cp=2."""
+    overrides = ["trainer.max_steps=10", "trainer.batch_size=8"]
+    train(workdir, "cp2", [*overrides, "parallel.cp=2"], 2)
+    assert_same_curve(losses(workdir, "cp2"), single, "cp=2")
+    val = {
+        run: [r["val_loss"] for r in metrics(workdir, run) if r.get("val_loss") is not None]
+        for run in ("single", "cp2")
+    }
+    assert len(val["cp2"]) == 2
+    assert_same_curve(val["cp2"], val["single"], "cp=2 validation loss")
+    memory = {run: json.loads((workdir / "runs" / run / "run.json").read_text())["memory"] for run in ("single", "cp2")}
+    assert memory["cp2"]["activations"] < 0.55 * memory["single"]["activations"]
+    assert "world 2 = dp 1 x cp 2 x tp 1" in rank0_log(workdir, "cp2")
+    assert_checkpoints_cross_layouts(workdir, single, "cp2", ["parallel.cp=2"], 2)
+
+
+@pytest.mark.slow  # inductor compiles for about a minute on 2 cores
+def test_cp2_under_torch_compile_follows_the_single_process_curve(workdir, single):
+    """trainer.compile=true at cp=2: the ring runs eagerly inside the compiled model, on the same curve."""
+    train(
+        workdir,
+        "cp2_compiled",
+        ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.cp=2", "trainer.compile=true"],
+        2,
+    )
+    assert_same_curve(losses(workdir, "cp2_compiled"), single, "cp=2 under torch.compile")
 
 
 def test_bf16_under_fsdp2_follows_the_fp32_curve_to_bf16_accuracy(workdir, single):
@@ -369,6 +436,19 @@ def test_accelerate_s_parallelism_config_sets_the_fsdp2_x_tp_layout(workdir, sin
     assert {k: recorded[k] for k in layout} == layout
     refused = train(workdir, "refused", ["parallel.tp=4"], command=command, check=False)
     assert "accelerate's parallelism_config sets the layout; drop parallel.tp = 4" in refused.stderr
+
+
+def test_accelerate_s_cp_size_sets_parallel_cp(workdir, single):
+    """launch/accelerate_cp_cpu.yaml: accelerate's `parallelism_config_cp_size: 2` is `parallel.cp=2`."""
+    command = [
+        "bash",
+        str(ROOT / "launch" / "accelerate.sh"),
+        str(accelerate_config(workdir, "accelerate_cp_cpu.yaml")),
+    ]
+    train(workdir, "accelerate_cp", ["trainer.max_steps=5", "trainer.batch_size=8"], command=command)
+    assert_same_curve(losses(workdir, "accelerate_cp"), single[:5], "accelerate launch, cp=2")
+    assert json.loads((workdir / "runs" / "accelerate_cp" / "run.json").read_text())["config"]["parallel"]["cp"] == 2
+    assert "world 2 = dp 1 x cp 2 x tp 1" in rank0_log(workdir, "accelerate_cp")
 
 
 def test_config_errors_exit_with_one_line(workdir):

@@ -150,8 +150,7 @@ class _RingAttention(torch.autograd.Function):
         chunk = q.size(2) // 2
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (B, H, T_local, D)
         lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)  # (B, H, T_local)
-        k, v = k.contiguous(), v.contiguous()
-        kv = torch.cat([k.reshape(-1), v.reshape(-1)])
+        kv = torch.cat([k.reshape(-1), v.reshape(-1)])  # k and v themselves are saved: views of the fused QKV
         for step in range(world):
             if step + 1 < world:
                 incoming, transfer = _send_to_next(kv, group)  # the next block travels while this one is used

@@ -1,6 +1,7 @@
-"""The `(dp, tp)` device mesh over all ranks and its process groups (initialising torch.distributed under
-torchrun). What a group is, and how its collectives travel, is `tp_attention.groups`; a TP group whose
-collectives go through shared memory is made from this one by `tp_attention.shm.with_shared_memory`.
+"""The `(dp, tp)` device mesh over all ranks and its process groups, and the context-parallel groups inside
+dp (initialising torch.distributed under torchrun). What a group is, and how its collectives travel, is
+`tp_attention.groups`; a TP group whose collectives go through shared memory is made from this one by
+`tp_attention.shm.with_shared_memory`.
 """
 
 from __future__ import annotations
@@ -18,20 +19,45 @@ from tp_attention.groups import ProcessGroup, TPGroup
 
 @dataclass(frozen=True)
 class ParallelGroups:
-    """The `(dp, tp)` device mesh and its two process groups.
+    """The `(dp, tp)` device mesh, its two process groups, and the CP groups within dp.
 
     Ranks `[d * tp, (d + 1) * tp)` form one TP group (neighbours share a node first); ranks with
-    the same TP rank form one DP group. `tp_group` is a TPGroup when its collectives go through
+    the same TP rank form one DP group: every rank that holds the same TP shard of the parameters, so
+    gradients and losses are averaged over it. `tp_group` is a TPGroup when its collectives go through
     shared memory (`tp_attention.shm.with_shared_memory_groups`).
+
+    With context parallelism (cp > 1) the dp ranks are `batch_ranks x cp` (the mesh `(batch, cp, tp)`,
+    accelerate's and torchtitan's order): `cp` consecutive DP ranks hold pieces of the same sequences
+    (`cp_group`), and there are `batch_ranks` distinct batches.
     """
 
     mesh: DeviceMesh
     dp_group: ProcessGroup
     tp_group: ProcessGroup | TPGroup
+    cp_group: ProcessGroup | None = None
 
     @property
     def dp_size(self) -> int:
+        """Ranks holding the same TP shard: data-parallel ranks x cp."""
         return self.mesh.size(0)
+
+    @property
+    def cp_size(self) -> int:
+        return 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
+
+    @property
+    def cp_rank(self) -> int:
+        return 0 if self.cp_group is None else dist.get_rank(self.cp_group)
+
+    @property
+    def batch_ranks(self) -> int:
+        """Ranks that see different batches: `dp_size / cp`."""
+        return self.dp_size // self.cp_size
+
+    @property
+    def batch_rank(self) -> int:
+        """Which of those this rank is (its CP group's index)."""
+        return self.dp_rank // self.cp_size
 
     @property
     def tp_size(self) -> int:
@@ -69,14 +95,17 @@ def _elastic_store(timeout: timedelta | None) -> dist.Store | None:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init_parallel_groups(tp: int, device_type: str | None = None, timeout_s: float | None = None) -> ParallelGroups:
-    """Build the `(dp, tp)` mesh over all ranks (initialising the default process group if needed).
+def init_parallel_groups(
+    tp: int, device_type: str | None = None, timeout_s: float | None = None, cp: int = 1
+) -> ParallelGroups:
+    """Build the `(dp, tp)` mesh over all ranks (initialising the default process group if needed), and with
+    `cp > 1` the context-parallel groups: ranks `(b * cp + c) * tp + t` for `c < cp` form one.
 
     The backend is gloo for `device_type="cpu"` and nccl for `"cuda"`. Reads the usual
     torchrun environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...) when it has to initialise.
 
     Raises:
-        ValueError: `tp` is not positive or does not divide the world size.
+        ValueError: `tp` or `cp` is not positive, or `tp x cp` does not divide the world size.
     """
     device_type = device_type or default_device_type()
     if not dist.is_initialized():
@@ -90,7 +119,12 @@ def init_parallel_groups(tp: int, device_type: str | None = None, timeout_s: flo
             where = dict(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         dist.init_process_group(backend, timeout=timeout, **where)
     world = dist.get_world_size()
-    if tp < 1 or world % tp != 0:
-        raise ValueError(f"world_size = {world} must be a positive multiple of tp = {tp}")
+    if tp < 1 or cp < 1 or world % (tp * cp) != 0:
+        sizes = f"tp = {tp}" if cp == 1 else f"tp x cp = {tp} x {cp}"
+        raise ValueError(f"world_size = {world} must be a positive multiple of {sizes}")
     mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return ParallelGroups(mesh, mesh.get_group("dp"), mesh.get_group("tp"))
+    cp_group = None
+    if cp > 1:
+        layout = init_device_mesh(device_type, (world // (tp * cp), cp, tp), mesh_dim_names=("batch", "cp", "tp"))
+        cp_group = layout.get_group("cp")
+    return ParallelGroups(mesh, mesh.get_group("dp"), mesh.get_group("tp"), cp_group)

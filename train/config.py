@@ -22,6 +22,7 @@ from tp_attention.checkpointing import MODES as ACTIVATION_CHECKPOINTING
 from tp_attention.config import GPTConfig
 from tp_attention.shapes import (
     check_choice,
+    check_context_parallel,
     check_gpt,
     check_int,
     check_number,
@@ -132,7 +133,11 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = opt(1, "tensor-parallel size; dp = world_size / tp")
+    tp: int = opt(1, "tensor-parallel size; dp = world_size / (tp x cp)")
+    cp: int = opt(
+        1,
+        "context-parallel size: each sequence split over this many ranks (seq_len / cp tokens each), attention a ring",
+    )
     dp_shard: int = opt(
         1, "FSDP2: shard parameters, gradients and AdamW state over this many of the dp ranks (1: DDP over all dp)"
     )
@@ -262,7 +267,7 @@ def _numbers(cfg: TrainConfig) -> None:
             "activation_checkpointing_every",
         ),
         "optim": ("decay_steps",),
-        "parallel": ("tp", "nproc_per_node"),
+        "parallel": ("tp", "cp", "nproc_per_node"),
     }
     for section, names in positive.items():
         for name in names:
@@ -273,30 +278,38 @@ def _numbers(cfg: TrainConfig) -> None:
         _as_config_error(check_int, value, name, minimum=0)
 
 
+def model_parallel(parallel: ParallelConfig) -> tuple[str, str]:
+    """How the ranks of one model replica are named in messages: `("parallel.tp", "2")`, or with context
+    parallelism `("parallel.tp x parallel.cp", "2 x 4")`."""
+    if parallel.cp == 1:
+        return "parallel.tp", str(parallel.tp)
+    return "parallel.tp x parallel.cp", f"{parallel.tp} x {parallel.cp}"
+
+
 def data_parallel_layout(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """`(dp_replicate, dp_shard)` for `world_size` ranks at `parallel.tp`.
+    """`(dp_replicate, dp_shard)` for `world_size` ranks at `parallel.tp` and `parallel.cp`.
 
     Raises:
-        ConfigError: dp = world_size / tp is not dp_replicate x dp_shard.
+        ConfigError: dp = world_size / (tp x cp) is not dp_replicate x dp_shard.
     """
-    dp = world_size // parallel.tp
-    shard = parallel.dp_shard
+    dp = world_size // (parallel.tp * parallel.cp)
+    name, _ = model_parallel(parallel)
+    shard, ranks = parallel.dp_shard, f"world_size / {name if parallel.cp == 1 else f'({name})'}"
+    ranks += f" = {world_size} / {parallel.tp * parallel.cp}"
     if shard < 1 or dp % shard != 0:
-        raise ConfigError(
-            f"parallel.dp_shard = {shard} must divide dp = world_size / parallel.tp = {world_size} / {parallel.tp} "
-            f"= {dp}"
-        )
+        raise ConfigError(f"parallel.dp_shard = {shard} must divide dp = {ranks} = {dp}")
     replicate = parallel.dp_replicate or dp // shard
     if replicate * shard != dp:
         raise ConfigError(
-            f"parallel.dp_replicate x parallel.dp_shard = {replicate} x {shard} must equal dp = world_size / "
-            f"parallel.tp = {dp}"
+            f"parallel.dp_replicate x parallel.dp_shard = {replicate} x {shard} must equal dp = {ranks} = {dp}"
         )
     return replicate, shard
 
 
-def batch_layout(trainer: TrainerConfig, dp: int) -> tuple[int, int]:
+def batch_layout(trainer: TrainerConfig, dp: int, replica: str = "parallel.tp") -> tuple[int, int]:
     """`(micro_batch, grad_accum)` per DP rank for the global `trainer.batch_size` at data-parallel size `dp`.
+
+    `replica` names what dp is world_size divided by (`model_parallel`), for the message.
 
     Raises:
         ConfigError: the batch does not split evenly into dp ranks of whole micro-batches.
@@ -304,7 +317,7 @@ def batch_layout(trainer: TrainerConfig, dp: int) -> tuple[int, int]:
     if trainer.batch_size % dp != 0:
         raise ConfigError(
             f"trainer.batch_size = {trainer.batch_size} must be divisible by the data-parallel size "
-            f"dp = {dp} (world_size / parallel.tp)"
+            f"dp = {dp} (world_size / {replica if ' x ' not in replica else f'({replica})'})"
         )
     per_rank = trainer.batch_size // dp
     micro = trainer.micro_batch or per_rank
@@ -358,10 +371,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
     _numbers(cfg)
     _choices(cfg)
-    if world_size % p.tp != 0:
-        raise ConfigError(f"world_size = {world_size} must be divisible by parallel.tp = {p.tp}")
+    replica, sizes = model_parallel(p)
+    if world_size % (p.tp * p.cp) != 0:
+        raise ConfigError(f"world_size = {world_size} must be divisible by {replica} = {sizes}")
     data_parallel_layout(p, world_size)
-    batch_layout(t, world_size // p.tp)
+    batch_layout(t, world_size // (p.tp * p.cp), replica)
     _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
     _as_config_error(check_choice, d.source, "data.source", ("stdlib", "text", "hf"))
     _as_config_error(check_choice, d.tokenizer, "data.tokenizer", ("byte", "bpe"))
@@ -381,8 +395,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             "trainer.mixed_precision = 'fp16' with parallel.dp_shard > 1 is not supported: the loss scaler's "
             "inf checks are per rank; use bf16"
         )
+    _as_config_error(check_context_parallel, t.seq_len, p.cp, name="trainer.seq_len")
     if p.sequence_parallel:
-        _as_config_error(check_sequence_parallel, t.seq_len, p.tp, name="trainer.seq_len", tp_name="parallel.tp")
+        name = "trainer.seq_len" if p.cp == 1 else f"trainer.seq_len / parallel.cp = {t.seq_len} / {p.cp}"
+        _as_config_error(check_sequence_parallel, t.seq_len // p.cp, p.tp, name=name, tp_name="parallel.tp")
 
 
 SECTIONS = {

@@ -1,6 +1,7 @@
 """What a layout costs each rank before it runs out of memory: parameters, gradients, AdamW state, activations.
 
     python -m train.memory model=gpt2 parallel.tp=2 parallel.dp_shard=4 trainer.batch_size=32   (any overrides)
+    python -m train.memory parallel.cp=4 trainer.seq_len=8192 model.max_seq_len=8192  (1/4 of each sequence per rank)
 
 The report of the layout the overrides describe, built on the meta device (no memory, no GPU): see
 `train.reporting.memory`.
@@ -19,7 +20,7 @@ def main() -> None:
     m, p, t = conf.model, conf.parallel, conf.trainer
     dp = p.dp_shard * (p.dp_replicate or 1)
     try:
-        validate(conf, world_size=p.tp * dp)
+        validate(conf, world_size=p.tp * p.cp * dp)
         micro, _ = batch_layout(t, dp)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -27,8 +28,10 @@ def main() -> None:
     model_cfg = m.gpt_config(m.vocab_size or 256)  # null: the byte tokenizer's
     micro = t.micro_batch or micro
     mode, every = t.activation_checkpointing, t.activation_checkpointing_every
-    report = layout_report(model_cfg, p.tp, micro, t.seq_len, mode, every, p.dp_shard)
-    print(f"tp {p.tp} x dp_shard {p.dp_shard}, micro-batch {micro} x {t.seq_len} tokens: {describe(report)}")
+    shards = p.dp_shard * p.cp if p.dp_shard > 1 else 1  # FSDP2 shards over dp_shard x cp
+    report = layout_report(model_cfg, p.tp, micro, t.seq_len, mode, every, shards, p.cp)
+    layout = f"tp {p.tp} x cp {p.cp} x dp_shard {p.dp_shard}"
+    print(f"{layout}, micro-batch {micro} x {t.seq_len} tokens ({t.seq_len // p.cp} per rank): {describe(report)}")
 
 
 if __name__ == "__main__":

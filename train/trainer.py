@@ -7,7 +7,8 @@
     trainer.train()                           the loop: steps, then logging, evaluation, checkpoints when due
     trainer.finish()                          export, sample, loss plot
 
-Layout: our own `(dp, tp)` mesh; the model's TP layers use the tp group, DDP (or FSDP2) syncs gradients
+Layout: our own `(dp, tp)` mesh, dp = batches x cp; the model's TP layers use the tp group, its ring attention
+the cp group (each CP rank holds `seq_len / cp` tokens of the same sequences), DDP (or FSDP2) syncs gradients
 over the dp group only (accelerate's `prepare(model)` without a parallelism config would wrap DDP over
 *all* ranks and destroy the shards, so then only the optimizer goes through accelerate). Every TP rank of a
 group sees the same batch; DP ranks see their share of one global batch that depends only on (seed, step).
@@ -44,7 +45,7 @@ from tp_attention.hf import load_weights
 from tp_attention.model import GPT
 from tp_attention.shm import with_shared_memory_groups
 from train.checkpoints import checkpoint
-from train.config import ConfigError, TrainConfig, batch_layout, data_parallel_layout
+from train.config import ConfigError, TrainConfig, batch_layout, data_parallel_layout, model_parallel
 from train.data.corpus import eval_batches, prepare_data, step_batch
 from train.reporting.flops import measure_peak_flops, mfu
 from train.reporting.memory import check_activation_memory, memory_report
@@ -151,17 +152,20 @@ class Trainer:
         p, t = self.conf.parallel, self.conf.trainer
         self.device_type = device_type_for(self.conf)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.groups = init_parallel_groups(p.tp, self.device_type, p.timeout_s) if self.world > 1 else None
+        self.groups = init_parallel_groups(p.tp, self.device_type, p.timeout_s, p.cp) if self.world > 1 else None
         if self.groups and self.device_type == "cpu" and p.shm_collectives:
             self.groups = with_shared_memory_groups(self.groups, p.timeout_s)
         self.mesh, self.tp_group = (self.groups.mesh, self.groups.tp_group) if self.groups else (None, None)
-        self.dp_size, self.dp_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
-        self.dp_group = self.groups.dp_group if self.groups and self.dp_size > 1 else None
+        self.cp_group = self.groups.cp_group if self.groups else None
+        # replicas: every rank holding this TP shard (losses and gradients average over them); dp: distinct batches
+        self.replicas, self.replica_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
+        self.dp_size, self.dp_rank = (self.groups.batch_ranks, self.groups.batch_rank) if self.groups else (1, 0)
+        self.dp_group = self.groups.dp_group if self.groups and self.replicas > 1 else None
         self.dp_replicate, self.dp_shard = data_parallel_layout(p, self.world)
-        self.fsdp_mesh = (
-            data_parallel_mesh(self.device_type, self.dp_replicate, self.dp_shard, p.tp) if self.dp_shard > 1 else None
-        )
-        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size)
+        self.fsdp_mesh = None
+        if self.dp_shard > 1:  # FSDP2 shards over dp_shard x cp together (torchtitan's dp_shard_cp)
+            self.fsdp_mesh = data_parallel_mesh(self.device_type, self.dp_replicate, self.dp_shard * p.cp, p.tp)
+        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size, model_parallel(p)[0])
         torch.use_deterministic_algorithms(t.deterministic)  # off again for the next job of a sweep
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
@@ -196,10 +200,11 @@ class Trainer:
             write_hydra_files(self.run_dir, self.cfg)
             write_run_record(self.run_dir, self.cfg, self.world)
         log.info(
-            "run dir %s | world %d = dp %d x tp %d%s | device %s | batch %d = dp x %d micro x %d accumulated%s",
+            "run dir %s | world %d = dp %d x cp %d x tp %d%s | device %s | batch %d = dp x %d micro x %d accumulated%s",
             self.run_dir,
             self.world,
             self.dp_size,
+            p.cp,
             p.tp,
             f" (FSDP2: dp = {self.dp_replicate} replicas x {self.dp_shard} shards)" if self.dp_shard > 1 else "",
             self.device_type,
@@ -220,9 +225,8 @@ class Trainer:
         self.model_config = m.gpt_config(vocab)
         mode, every = t.activation_checkpointing, t.activation_checkpointing_every
         recomputed = sum(is_recomputed(i, mode, every) for i in range(m.num_layers))
-        check_activation_memory(
-            self.model_config, self.micro_batch, t.seq_len, self.conf.parallel.tp, self.device, recomputed
-        )
+        p = self.conf.parallel
+        check_activation_memory(self.model_config, self.micro_batch, t.seq_len, p.tp, self.device, recomputed, p.cp)
         log.info(
             "data %s: %d train / %d val tokens, vocab %d",
             self.data.directory,
@@ -241,7 +245,7 @@ class Trainer:
         o, p, t, init_from = self.conf.optim, self.conf.parallel, self.conf.trainer, self.conf.model.init_from
         with torch.device("meta"):
             self.model = GPT.from_config(
-                self.model_config, tp_group=self.tp_group, sequence_parallel=p.sequence_parallel
+                self.model_config, tp_group=self.tp_group, sequence_parallel=p.sequence_parallel, cp_group=self.cp_group
             )
         recomputed = apply_activation_checkpointing(
             self.model, t.activation_checkpointing, t.activation_checkpointing_every
@@ -263,7 +267,7 @@ class Trainer:
         self.wrapped = self.model  # FSDP2 (in place) or no data parallelism
         if self.fsdp_mesh is None and self.dp_group is not None:
             self.wrapped = DistributedDataParallel(self.model, process_group=self.dp_group)
-        self.memory = memory_report(self.model, self.micro_batch, t.seq_len, p.tp)
+        self.memory = memory_report(self.model, self.micro_batch, t.seq_len, p.tp, p.cp)
         log.info(describe_memory(self.memory))
         if self.is_main:
             add_to_run_record(self.run_dir, memory=self.memory)
@@ -340,7 +344,11 @@ class Trainer:
             os.environ.setdefault("MLFLOW_TRACKING_URI", (self.run_dir / "mlruns").as_uri())
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in experiment(self.cfg).items()}
-        hparams |= {"parallel.tp": self.conf.parallel.tp, "parallel.dp": self.dp_size}
+        hparams |= {
+            "parallel.tp": self.conf.parallel.tp,
+            "parallel.dp": self.dp_size,
+            "parallel.cp": self.conf.parallel.cp,
+        }
         kwargs = {
             "mlflow": {"run_name": self.run_dir.name},
             "wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)},
@@ -403,13 +411,16 @@ class Trainer:
         lr = lr_at(step, self.conf.optim, t.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(step_seed(t.seed, step, self.dp_rank))
+        torch.manual_seed(step_seed(t.seed, step, self.replica_rank))  # CP ranks drop out different tokens
         loss_sum = torch.zeros((), device=self.device)
         for x, y in step_batch(
             self.data.train, step, t.seed, self.micro_batch, self.grad_accum, t.seq_len, self.dp_rank, self.dp_size
         ):
             loss_sum += self.forward_backward(x, y)
         norm = self.clip_gradients()
+        if self.cp_group is not None:  # each CP rank's loss is its tokens' mean: the sequences' is their mean
+            dist.all_reduce(loss_sum, group=self.cp_group)
+            loss_sum /= self.conf.parallel.cp
         loss, limit = loss_sum / self.grad_accum, self.guard.spike_limit()
         nonfinite, spike, stop = any_rank(
             ~(torch.isfinite(loss_sum) & torch.isfinite(norm)), loss > limit, torch.tensor(self.stop.requested)
@@ -426,7 +437,8 @@ class Trainer:
         return StepResult(step + 1, loss, norm, bad, stop, lr, time.perf_counter() - start)
 
     def evaluate(self) -> float:
-        """Mean validation loss over the fixed validation batches (split over DP ranks)."""
+        """Mean validation loss over the fixed validation batches (split over DP ranks; each CP rank's share of
+        a batch is its tokens' mean, so the sum over the replicas counts every batch cp times)."""
         self.model.eval()
         total = torch.zeros((), device=self.device)
         with torch.no_grad(), self.accelerator.autocast():
@@ -436,13 +448,13 @@ class Trainer:
         if self.dp_group is not None:
             dist.all_reduce(total, group=self.dp_group)
         self.model.train()
-        return total.item() / len(self.val_batches)
+        return total.item() / len(self.val_batches) / self.conf.parallel.cp
 
     def log_record(self, result: StepResult, window: LogWindow) -> dict[str, Any]:
         """The metrics line for the window ending at `result` (a collective over the DP group)."""
         if self.dp_group is not None:
             dist.all_reduce(window.loss_sum, group=self.dp_group)
-        train_loss = window.loss_sum.item() / window.good_steps / self.dp_size if window.good_steps else None
+        train_loss = window.loss_sum.item() / window.good_steps / self.replicas if window.good_steps else None
         return {
             "step": result.done,
             "loss": train_loss,
@@ -464,7 +476,12 @@ class Trainer:
             )
             return None
         extra = {
-            "layout": {"dp": self.dp_size, "tp": self.conf.parallel.tp, "dp_shard": self.dp_shard},
+            "layout": {
+                "dp": self.dp_size,
+                "tp": self.conf.parallel.tp,
+                "dp_shard": self.dp_shard,
+                "cp": self.conf.parallel.cp,
+            },
             "model": asdict(self.model_config),
             "config": OmegaConf.to_container(self.cfg, resolve=False),
             "experiment": self.experiment,
@@ -552,7 +569,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Export the model, sample from it, plot the loss; returns the run's summary."""
-        t = self.conf.trainer
+        t, p = self.conf.trainer, self.conf.parallel
         export_dir = self.model.save(self.run_dir / "export")
         if self.is_main and (self.run_dir / "tokenizer.json").is_file():
             shutil.copy(self.run_dir / "tokenizer.json", export_dir / "tokenizer.json")
@@ -567,7 +584,7 @@ class Trainer:
             save_loss_plot(
                 history,
                 self.run_dir / "loss.png",
-                title=f"{self.run_dir.name}: dp {self.dp_size} x tp {self.conf.parallel.tp}",
+                title=f"{self.run_dir.name}: dp {self.dp_size} x cp {p.cp} x tp {p.tp}",
             )
             write_status(self.run_dir, "complete", self.step)
             log.info("sample:\n%s", sample)

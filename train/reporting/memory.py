@@ -24,18 +24,26 @@ ADAMW_MOMENTS = 2
 
 
 def activation_bytes(
-    cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, element_size: int = 4, recomputed: int = 0
+    cfg: GPTConfig,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    element_size: int = 4,
+    recomputed: int = 0,
+    cp: int = 1,
 ) -> int:
-    """About the bytes one rank's forward keeps for backward: per token and layer, the norm, residual and
-    projection outputs (6 E), the local Q/K/V and attention output (4 E / tp), the MLP's hidden activations
-    (2 or, SwiGLU, 3 of them, / tp) and the attention probabilities (H T / tp, where SDPA keeps them); the
-    vocab-sharded logits thrice. A `recomputed` block (activation checkpointing) keeps only its input (E),
-    plus one block's activations while it is recomputed."""
+    """About the bytes one rank's forward keeps for backward, for its `seq_len / cp` tokens: per token and
+    layer, the norm, residual and projection outputs (6 E), the local Q/K/V and attention output (4 E / tp), the
+    MLP's hidden activations (2 or, SwiGLU, 3 of them, / tp) and the attention probabilities (H T / tp, where
+    SDPA keeps them; ring attention keeps one log-sum-exp per head instead); the vocab-sharded logits thrice.
+    A `recomputed` block (activation checkpointing) keeps only its input (E), plus one block's activations while
+    it is recomputed."""
     mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.hidden_size
-    per_layer = (6 + 4 / tp) * cfg.emb_size + mlp / tp + cfg.num_heads * seq_len / tp
+    attention = cfg.num_heads * (seq_len if cp == 1 else 1) / tp
+    per_layer = (6 + 4 / tp) * cfg.emb_size + mlp / tp + attention
     kept = (cfg.num_layers - recomputed) * per_layer + recomputed * cfg.emb_size + (per_layer if recomputed else 0)
     per_token = kept + 3 * cfg.vocab_size / tp
-    return int(element_size * micro_batch * seq_len * per_token)
+    return int(element_size * micro_batch * seq_len // cp * per_token)
 
 
 def available_memory(device: torch.device) -> int:
@@ -48,7 +56,7 @@ def available_memory(device: torch.device) -> int:
 
 
 def check_activation_memory(
-    cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, device: torch.device, recomputed: int = 0
+    cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, device: torch.device, recomputed: int = 0, cp: int = 1
 ) -> None:
     """Refuse a micro-batch whose activations cannot fit (with `recomputed` checkpointed blocks), before
     anything is allocated.
@@ -56,7 +64,7 @@ def check_activation_memory(
     Raises:
         ConfigError: naming the estimate and the memory available.
     """
-    need = activation_bytes(cfg, micro_batch, seq_len, tp, recomputed=recomputed)
+    need = activation_bytes(cfg, micro_batch, seq_len, tp, recomputed=recomputed, cp=cp)
     try:
         free = available_memory(device)
     except (OSError, KeyError, ValueError):  # no /proc/meminfo: nothing to compare with
@@ -66,16 +74,18 @@ def check_activation_memory(
             f"{micro_batch} sequences per forward pass (trainer.micro_batch, or trainer.batch_size / dp) of "
             f"trainer.seq_len = {seq_len} tokens need about {need / 2**30:,.1f} GiB of activations per rank "
             f"(estimate), and {free / 2**30:,.1f} GiB are available on {device.type}: set a smaller "
-            "trainer.micro_batch (gradients then accumulate over more of them), or trainer.activation_checkpointing"
+            "trainer.micro_batch (gradients then accumulate over more of them), trainer.activation_checkpointing, "
+            "or a larger parallel.cp (each rank then holds seq_len / cp tokens)"
         )
 
 
-def memory_report(model: GPT, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:
-    """Bytes this rank holds for `model` (built at tp `tp`) trained with AdamW on `micro_batch` x `seq_len`."""
+def memory_report(model: GPT, micro_batch: int, seq_len: int, tp: int, cp: int = 1) -> dict[str, int]:
+    """Bytes this rank holds for `model` (built at tp `tp`) trained with AdamW on `micro_batch` x `seq_len`
+    (`seq_len / cp` tokens of each sequence per rank under context parallelism)."""
     params = sum(local(p).numel() * p.element_size() for p in model.parameters())  # FSDP2: this rank's rows
     fp32 = sum(local(p).numel() * 4 for p in model.parameters())
     recomputed = sum(getattr(block, "checkpointed", False) for block in model._decoders)
-    activations = activation_bytes(model.config, micro_batch, seq_len, tp, recomputed=recomputed)
+    activations = activation_bytes(model.config, micro_batch, seq_len, tp, recomputed=recomputed, cp=cp)
     report = {"parameters": params, "gradients": params, "optimizer": ADAMW_MOMENTS * fp32, "activations": activations}
     return report | {"total": sum(report.values())}
 
@@ -86,22 +96,32 @@ def describe(report: dict[str, int]) -> str:
     return f"memory per rank (GiB): {parts}; total {report['total'] / 2**30:,.2f}"
 
 
-def _meta_report(rank: int, world: int, cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str, every: int):
+def _meta_report(
+    rank: int, world: int, cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str, every: int, cp: int
+) -> dict[str, int]:
     with torch.device("meta"):
         model = GPT.from_config(cfg, tp_group=dist.group.WORLD if world > 1 else None)
     apply_activation_checkpointing(model, mode, every)
-    return memory_report(model, micro_batch, seq_len, world)
+    return memory_report(model, micro_batch, seq_len, world, cp)
 
 
 def layout_report(
-    cfg: GPTConfig, tp: int, micro_batch: int, seq_len: int, mode: str = "none", every: int = 2, dp_shard: int = 1
+    cfg: GPTConfig,
+    tp: int,
+    micro_batch: int,
+    seq_len: int,
+    mode: str = "none",
+    every: int = 2,
+    dp_shard: int = 1,
+    cp: int = 1,
 ) -> dict[str, int]:
     """The report of rank 0 at tp `tp`, from meta-device models (no memory used); with FSDP2 over
     `dp_shard` ranks, parameters, gradients and AdamW state are `1 / dp_shard` of that (FSDP2 pads each
-    parameter's split dim to a multiple of dp_shard: at most one row, or column, per parameter more)."""
+    parameter's split dim to a multiple of dp_shard: at most one row, or column, per parameter more); with
+    context parallelism each rank's activations are those of `seq_len / cp` tokens."""
     if tp == 1:
-        report = _meta_report(0, 1, cfg, micro_batch, seq_len, mode, every)
+        report = _meta_report(0, 1, cfg, micro_batch, seq_len, mode, every, cp)
     else:
-        report = run_threaded(tp, _meta_report, cfg, micro_batch, seq_len, mode, every)[0]
+        report = run_threaded(tp, _meta_report, cfg, micro_batch, seq_len, mode, every, cp)[0]
     report = {k: v if k == "activations" else -(-v // dp_shard) for k, v in report.items() if k != "total"}
     return report | {"total": sum(report.values())}

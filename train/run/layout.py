@@ -1,9 +1,9 @@
 """The parallel layout when `accelerate launch` sets it: accelerate's `parallelism_config`.
 
-An accelerate config file with a `parallelism_config` (`parallelism_config_tp_size`, `..._dp_shard_size`,
-`..._dp_replicate_size`) makes `accelerate launch` export `PARALLELISM_CONFIG_*` and
+An accelerate config file with a `parallelism_config` (`parallelism_config_tp_size`, `..._cp_size`,
+`..._dp_shard_size`, `..._dp_replicate_size`) makes `accelerate launch` export `PARALLELISM_CONFIG_*` and
 `ACCELERATE_USE_PARALLELISM_CONFIG=true` (accelerate/utils/launch.py). The job reads them into `parallel.tp`,
-`parallel.dp_shard` and `parallel.dp_replicate` before the config is checked, so the run's config records
+`parallel.cp`, `parallel.dp_shard` and `parallel.dp_replicate` before the config is checked, so the run's config records
 the layout it ran at; a `parallel.*` override that says otherwise is refused by name.
 """
 
@@ -18,11 +18,11 @@ from torch import nn
 from train.checkpoints.init_from import overridden_fields
 from train.config import ConfigError
 
-SIZES = {"tp": "TP_SIZE", "dp_shard": "DP_SHARD_SIZE", "dp_replicate": "DP_REPLICATE_SIZE"}
+SIZES = {"tp": "TP_SIZE", "cp": "CP_SIZE", "dp_shard": "DP_SHARD_SIZE", "dp_replicate": "DP_REPLICATE_SIZE"}
 
 
 def accelerate_layout() -> dict[str, int] | None:
-    """`{tp, dp_shard, dp_replicate}` from accelerate's parallelism config, or None without one."""
+    """`{tp, cp, dp_shard, dp_replicate}` from accelerate's parallelism config, or None without one."""
     if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() != "true":
         return None
     return {name: int(os.environ.get(f"PARALLELISM_CONFIG_{key}", "1")) for name, key in SIZES.items()}
@@ -55,13 +55,13 @@ def check_same_layout(mesh, world_size: int) -> None:
     `torch_device_mesh` can be handed to code that expects it.
 
     Raises:
-        ConfigError: it does not (a layout this job cannot honour, e.g. context parallelism).
+        ConfigError: it does not (a layout this job cannot honour, e.g. accelerate's sequence parallelism).
     """
-    extra = [name for name in mesh.mesh_dim_names if name not in ("dp_replicate", "dp_shard", "tp")]
+    extra = [name for name in mesh.mesh_dim_names if name not in ("dp_replicate", "dp_shard", "cp", "tp")]
     if extra or mesh.mesh.flatten().tolist() != list(range(world_size)):
         raise ConfigError(
-            f"accelerate's device mesh {mesh} is not a (dp_replicate, dp_shard, tp) layout of ranks 0..{world_size - 1}"
-            f" in order{f' (it has {extra}: not supported)' if extra else ''}"
+            f"accelerate's device mesh {mesh} is not a (dp_replicate, dp_shard, cp, tp) layout of ranks "
+            f"0..{world_size - 1} in order{f' (it has {extra}: not supported)' if extra else ''}"
         )
 
 
