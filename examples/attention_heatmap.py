@@ -43,6 +43,7 @@ def main() -> None:
         path = save_attention_grid(weights, args.out, title=f"{args.heads} heads, tp={tp}, causal + key padding")
         print(f"wrote {path}")
     if group is not None:
+        dist.barrier()  # rank 0 has drawn: no rank tears its connections down while another still uses them
         dist.destroy_process_group()
 
 

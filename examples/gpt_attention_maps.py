@@ -44,6 +44,7 @@ def main() -> None:
         path = save_attention_grid(maps, args.out, tokens=labels, title=f"attention maps for {args.prompt!r}")
         print(f"wrote {path}")
     if group is not None:
+        dist.barrier()  # rank 0 has drawn: no rank tears its connections down while another still uses them
         dist.destroy_process_group()
 
 

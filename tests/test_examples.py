@@ -28,12 +28,13 @@ def test_example_writes_a_png(script, ranks, tmp_path):
         else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(
+    done = subprocess.run(
         [*launcher, str(ROOT / "examples" / script), "--out", str(out)],
-        check=True,
         env=env,
         cwd=tmp_path,
         capture_output=True,
+        text=True,
         timeout=300,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

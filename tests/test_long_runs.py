@@ -22,6 +22,7 @@ from tp_attention import MultiHeadAttention
 from tp_attention.model import GPT
 from train.checkpoints import checkpoint
 from train.config import TrainingError
+from train.reporting.metrics import Metrics, read_records
 from train.run.identity import differences
 
 STEPS = ["trainer.max_steps=12", "trainer.batch_size=8", "trainer.checkpoint_interval=4"]
@@ -392,4 +393,62 @@ def test_a_torn_last_metrics_line_does_not_stop_a_resume(workdir, uninterrupted)
         f.write('{"step": 13, "loss": 2.')  # a crash mid-write
     train(workdir, "torn", [*STEPS, "trainer.max_steps=14"])
     steps = [r["step"] for r in metrics(workdir, "torn")]
-    assert steps == list(range(1, 15)) and "ignoring a torn last line" in rank0_log(workdir, "torn")
+    assert steps == list(range(1, 15)) and "skipped torn records on line(s) 13 " in rank0_log(workdir, "torn")
+
+
+def test_a_full_disk_mid_record_leaves_whole_records_only(tmp_path):
+    """On a real full tmpfs the next record fits only part-way into the file's last page: the writer rolls the
+    part back (the file keeps its whole records) and stops the run with a one-line TrainingError."""
+    with tmpfs(tmp_path / "small", "1m") as disk:
+        path = disk / "metrics.jsonl"
+        record = {"step": 1, "loss": 4.123456789, "lr": 0.001, "grad_norm": 1.5, "tokens_per_s": 12345.678}
+        line = json.dumps(record) + "\n"
+        size = 4096 - len(line) // 2  # the file's one page then has room for half a record
+        records_size = size // len(line) * len(line)
+        whole = line * (size // len(line)) + " " * (size - records_size - 1) + "\n"  # a blank line pads it
+        path.write_text(whole)
+        fill(disk, 0)
+        with pytest.raises(TrainingError, match=r"^disk full while writing .*metrics.jsonl at step 2 "):
+            Metrics(disk, None, enabled=True).log(record | {"step": 2})
+        assert path.read_text() == whole
+
+
+def test_torn_records_anywhere_are_skipped_with_one_warning(tmp_path, caplog):
+    """A file as an older writer left it after a full disk: a torn record, then the next run's records appended
+    to it (the first glued to the torn one's end). Every whole record is kept; one warning names the line."""
+    lines = [json.dumps({"step": s, "loss": 5.0 - s / 10}) for s in range(1, 4)]
+    torn = '{"step": 4, "loss": 4.6, "grad_norm": 3.36'
+    (tmp_path / "metrics.jsonl").write_text("\n".join([*lines, torn + lines[0], *lines[1:], "{not json"]) + "\n")
+    with caplog.at_level("WARNING"):
+        steps = [r["step"] for r in read_records(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 1, 2, 3]
+    assert [r.getMessage() for r in caplog.records if "torn" in r.getMessage()] == [
+        f"{tmp_path / 'metrics.jsonl'}: skipped torn records on line(s) 4, 7 (a crash or a full disk mid-write)"
+    ]
+
+
+def test_after_a_full_disk_during_metrics_writes_the_same_command_continues(workdir, tmp_path):
+    """The reproduction of issue 24: a real 8 MiB tmpfs filled while the run logs every step, the run stops in
+    one line, the filler is deleted, and the same command trains to the end (no traceback)."""
+    overrides = [
+        "model.num_layers=1",
+        "trainer.batch_size=2",
+        "trainer.eval_batches=1",
+        "trainer.eval_interval=1000",
+        "trainer.log_interval=1",
+        "trainer.max_steps=3000",
+        "trainer.checkpoint_interval=100000",
+        "trainer.keep_checkpoints=1",
+    ]
+    with tmpfs(tmp_path / "small", "8m") as disk:
+        proc = start(workdir, disk, overrides)
+        wait_for_steps(workdir, disk, 12, proc)
+        fill(disk, 0)
+        code, err = finish(proc)
+        assert code == 1 and err.strip().startswith("training error: disk full while writing"), err[-3000:]
+        run = run_dir(workdir, disk)
+        assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()), "whole lines"
+        (disk / "filler").unlink()
+        code, err = finish(start(workdir, disk, [*overrides, "trainer.max_steps=20"]))
+        assert code == 0, err[-3000:]
+        assert [r["step"] for r in records(run)] == list(range(1, 21))

@@ -59,6 +59,7 @@ def test_default_config_composes_and_is_valid():
         ),
         (["trainer.seq_len=256"], 1, r"trainer.seq_len = 256 must be <= model.max_seq_len = 128"),
         (["trainer.micro_batch=0"], 1, r"trainer.micro_batch = 0 must be a positive integer"),
+        (["trainer.sample_tokens=-1"], 1, r"trainer.sample_tokens = -1 must be an integer >= 0"),  # issue 24
         (["model.emb_size=-8"], 1, r"model.emb_size = -8 must be a positive integer"),
         (["model.dropout=1.5"], 1, r"model.dropout = 1.5 must be in \[0, 1\)"),
         (["optim.lr=-1"], 1, r"optim.lr = -1.0 must be in \(0, inf\)"),
@@ -456,6 +457,12 @@ def test_config_errors_exit_with_one_line(workdir):
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: world_size = 1 must be divisible by parallel.tp = 3"
     assert "Traceback" not in result.stderr
+    result = train(workdir, "no_sample", ["trainer.sample_tokens=-1"], check=False)  # issue 24: was a traceback
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "config error: trainer.sample_tokens = -1 must be an integer >= 0",
+    )
+    assert not (workdir / "runs" / "no_sample" / "metrics.jsonl").exists(), "refused before training"
 
 
 def test_a_shape_rule_has_one_message_in_the_layer_the_model_config_and_the_training_config():

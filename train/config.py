@@ -274,7 +274,11 @@ def _numbers(cfg: TrainConfig) -> None:
             value = getattr(getattr(cfg, section), name)
             if value is not None:
                 _as_config_error(check_int, value, f"{section}.{name}")
-    for name, value in (("optim.warmup_steps", o.warmup_steps), ("data.max_bytes", d.max_bytes)):
+    for name, value in (
+        ("optim.warmup_steps", o.warmup_steps),
+        ("data.max_bytes", d.max_bytes),
+        ("trainer.sample_tokens", t.sample_tokens),
+    ):
         _as_config_error(check_int, value, name, minimum=0)
 
 

@@ -303,7 +303,6 @@ class Trainer:
             self.guard.pending = Path(source)  # known good once the first step from it is healthy
             if checkpoint.good_step(Path(source).parent.parent) == meta["step"]:
                 self.guard.good = Path(source)
-            self.metrics.continue_from(Path(source).parent.parent, self.step)
             log.info(
                 "resumed from %s at step %d (saved at dp %s x tp %s)",
                 source,
@@ -311,6 +310,8 @@ class Trainer:
                 meta["layout"]["dp"],
                 meta["layout"]["tp"],
             )
+        # the resumed records (none when starting over: an earlier attempt's would repeat its steps)
+        self.metrics.continue_from(Path(source).parent.parent if source is not None else self.run_dir, self.step)
         if self.step >= t.max_steps:
             log.info(
                 "the run is complete at step %d (trainer.max_steps = %d): nothing to train; raise "

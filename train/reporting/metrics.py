@@ -1,8 +1,10 @@
 """`metrics.jsonl` (one JSON object per logged step) and the tracker (TensorBoard), written by rank 0.
 
-Each record is appended whole, in one `write` on a file opened for appending, so a crash leaves at most a
-torn last line; reading skips a torn last line with a warning (a resume then rewrites the file without
-it). A full disk while appending stops the run with a TrainingError instead of a traceback.
+Each record is appended whole, in one `write` on a file opened for appending; a write that fails part-way (a
+full disk) is rolled back, so the file holds whole records only, and the run stops with a TrainingError
+instead of a traceback. A crash mid-write (SIGKILL) can still leave a torn line, and a file written by older
+versions can hold one anywhere; reading skips torn lines with one warning naming them, keeps every whole
+record (also one glued to a torn line's end), and a resume rewrites the file without them.
 """
 
 from __future__ import annotations
@@ -39,11 +41,17 @@ class Metrics:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                written = os.write(fd, line)
+                whole = os.fstat(fd).st_size
+                try:
+                    written = os.write(fd, line)
+                except OSError:
+                    os.ftruncate(fd, whole)  # a part of the record may have reached the file
+                    raise
+                if written != len(line):
+                    os.ftruncate(fd, whole)  # roll back the part: only whole records, never a torn one
+                    raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
             finally:
                 os.close(fd)
-            if written != len(line):
-                raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
         except OSError as e:
             raise _write_error(self.path, record["step"], e) from e
         try:
@@ -55,14 +63,22 @@ class Metrics:
         return read_records(self.path)
 
     def continue_from(self, source_run: Path, step: int) -> None:
-        """Keep the records up to `step`: the resumed run's own (a restart), or a copy of `source_run`'s."""
+        """Keep the whole records up to `step`: the resumed run's own (a restart), or a copy of `source_run`'s;
+        none at step 0 (a run that starts over).
+
+        Raises:
+            TrainingError: the file cannot be rewritten (a full disk).
+        """
         if not self.enabled:
             return
         source = source_run / "metrics.jsonl"
         source = source if source.is_file() else self.path
         if source.is_file():
             lines = [json.dumps(r) for r in read_records(source) if r["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+            try:
+                self.path.write_text("".join(line + "\n" for line in lines))
+            except OSError as e:
+                raise _write_error(self.path, step, e) from e
 
 
 def _write_error(path: Path, step: int, error: OSError) -> TrainingError:
@@ -74,20 +90,39 @@ def _write_error(path: Path, step: int, error: OSError) -> TrainingError:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics file (none if it does not exist); a torn last line is skipped with a warning.
+    """The whole records of a metrics file (none if it does not exist), in file order.
 
-    Raises:
-        ValueError: a line before the last is not JSON (the file was damaged, not torn by a crash).
+    A line that is not one JSON record (torn by a crash or a full disk) is skipped, and one warning names
+    every such line; a whole record glued to a torn one's end (a writer appended after it) is kept.
     """
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
-            log.warning("%s: ignoring a torn last line (a crash mid-write?): %r", path, line[:80])
+    records, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = _parse(line)
+        if record is None:
+            torn.append(number)
+            record = _glued_record(line)
+        if record is not None:
+            records.append(record)
+    if torn:
+        lines = ", ".join(map(str, torn))
+        log.warning("%s: skipped torn records on line(s) %s (a crash or a full disk mid-write)", path, lines)
     return records
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    """`text` as a record (a JSON object with a step), or None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and "step" in value else None
+
+
+def _glued_record(line: str) -> dict[str, Any] | None:
+    """The whole record a writer appended after a torn one on the same line, if there is one."""
+    start = line.rfind('{"step"')
+    return _parse(line[start:]) if start > 0 else None
