@@ -119,9 +119,10 @@ def test_a_signal_saves_the_step_and_the_same_command_continues_the_run(workdir,
 
 
 @pytest.mark.slow  # signals in the default suite: SIGINT to the job, the second signal
-def test_sigterm_to_the_torchrun_agent_reaches_every_rank_which_saves(workdir, uninterrupted):
-    out = "agent"
-    overrides = [*STEPS, "trainer.log_interval=1", "parallel.tp=2"]
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2"])
+def test_sigterm_to_the_torchrun_agent_reaches_every_rank_which_saves(workdir, uninterrupted, layout):
+    out = f"agent_{layout[9:11]}"
+    overrides = [*STEPS, "trainer.log_interval=1", layout]
     command = [*TORCHRUN, "--max-restarts=3", "-m", "train"]
     proc = start(workdir, out, overrides, command=command, env={"TP_FAULT": "slow@3-12"})
     wait_for_steps(workdir, out, 3, proc)
@@ -138,7 +139,7 @@ def test_sigterm_to_the_torchrun_agent_reaches_every_rank_which_saves(workdir, u
     assert_same_curve(
         [losses[s] for s in (4, 8, 12)],
         [uninterrupted[s - 1]["loss"] for s in (4, 8, 12)],
-        "tp=2 resumed after SIGTERM to the agent",
+        f"{layout} resumed after SIGTERM to the agent",
     )
 
 

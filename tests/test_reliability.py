@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,24 +32,28 @@ def reference(workdir) -> list[float]:
 
 
 @pytest.mark.slow  # a crash mid-save and resume stay in the default suite
-def test_killed_rank_restarts_and_resumes(workdir, reference):
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2"])
+def test_killed_rank_restarts_and_resumes(workdir, reference, layout):
     command = [*TORCHRUN, "--max-restarts=1", "-m", "train"]
-    train(workdir, "killed", [*REFERENCE, "parallel.tp=2"], command=command, env={"TP_FAULT": "kill@8:1"})
-    assert [r["step"] for r in metrics(workdir, "killed")] == list(range(1, 11))
-    assert "checkpoints/step_00000005 at step 5" in rank0_log(workdir, "killed")
-    assert_same_curve(losses(workdir, "killed"), reference, "SIGKILL at step 8, restart from step 5")
+    run = f"killed_{layout[9:11]}"
+    train(workdir, run, [*REFERENCE, layout], command=command, env={"TP_FAULT": "kill@8:1"})
+    assert [r["step"] for r in metrics(workdir, run)] == list(range(1, 11))
+    assert "checkpoints/step_00000005 at step 5" in rank0_log(workdir, run)
+    assert_same_curve(losses(workdir, run), reference, f"{layout}: SIGKILL at step 8, restart from step 5")
 
 
-def test_killed_while_saving_keeps_the_previous_checkpoint(workdir, reference):
+@pytest.mark.parametrize("layout", ["parallel.tp=2", pytest.param("parallel.cp=2", marks=pytest.mark.slow)])
+def test_killed_while_saving_keeps_the_previous_checkpoint(workdir, reference, layout):
     command = [*TORCHRUN, "--max-restarts=1", "-m", "train"]
-    train(workdir, "crash_save", [*REFERENCE, "parallel.tp=2"], command=command, env={"TP_FAULT": "crash_in_save@10:0"})
-    log = rank0_log(workdir, "crash_save")
+    run = f"crash_save_{layout[9:11]}"
+    train(workdir, run, [*REFERENCE, layout], command=command, env={"TP_FAULT": "crash_in_save@10:0"})
+    log = rank0_log(workdir, run)
     assert "checkpoints/step_00000005 at step 5" in log, "the half-written step 10 must not be used"
-    kept = checkpoint.checkpoint_dirs(workdir / "runs" / "crash_save")
+    kept = checkpoint.checkpoint_dirs(workdir / "runs" / run)
     assert [p.name for p in kept] == ["step_00000005", "step_00000010"]
     assert all(checkpoint.verify(p) is None for p in kept)
-    assert not list((workdir / "runs" / "crash_save" / "checkpoints").glob(".tmp-*"))
-    assert_same_curve(losses(workdir, "crash_save"), reference, "killed mid-save, resumed")
+    assert not list((workdir / "runs" / run / "checkpoints").glob(".tmp-*"))
+    assert_same_curve(losses(workdir, run), reference, f"{layout}: killed mid-save, resumed")
 
 
 def test_corrupted_latest_checkpoint_falls_back_then_refuses(workdir, reference):
@@ -216,3 +221,40 @@ def test_same_seed_and_layout_give_bitwise_identical_curves(workdir, reference):
 def test_launch_scripts_are_valid_bash():
     for script in [*(ROOT / "launch").glob("*.sh"), ROOT / "launch" / "slurm.sbatch"]:
         subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-new-tokens", "-1"], "max_new_tokens must be >= 0, got -1"),
+        (["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),  # was accepted
+        (["--temperature", "inf"], "temperature must be a finite number >= 0, got inf"),
+        (["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+        (["--top-k", "0"], "top_k must be a positive integer, got 0"),
+        (["--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
+    ],
+)
+def test_the_sample_command_refuses_bad_options_before_it_prints_anything(options, message):
+    export = ROOT / "tests" / "data" / "before_attention_rename" / "export"
+    done = subprocess.run(
+        [sys.executable, "-m", "train.sample", str(export), *options], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (2, f"sample error: {message}", "")
+
+
+def test_compare_refuses_a_damaged_status_file_in_one_line_and_writes_nothing(tmp_path):
+    for name, status in (("good", '{"state": "complete", "step": 2}'), ("damaged", '{"state": ')):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n')
+        (run / "status.json").write_text(status)
+    done = subprocess.run(
+        [sys.executable, "-m", "train.compare", str(tmp_path / "good"), str(tmp_path / "damaged")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    damaged = tmp_path / "damaged" / "status.json"
+    expected = f"compare error: {damaged} is damaged (not a JSON object with a state): remove it or the run"
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (2, expected, "")
+    assert not (tmp_path / "good" / "compare.png").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,19 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
 
 
 @torch.no_grad()
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError unless `max_new_tokens >= 0`, `temperature` is a finite number >= 0, `top_k` is None or
+    positive and `top_p` is None or in (0, 1] (NaN is none of these)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def generate(
     model,
     idx: torch.Tensor,
@@ -52,21 +66,14 @@ def generate(
     with each new token `[B]` as soon as it is chosen (to print a sample as it is written).
 
     Raises:
-        ValueError: empty `idx`, negative `max_new_tokens` or `temperature`, `top_k <= 0`,
-            `top_p` outside (0, 1], an `attention_mask` of another shape than `idx`.
+        ValueError: empty `idx`, an `attention_mask` of another shape than `idx`, or a bad sampling option
+            (`check_sampling`).
     """
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.numel() == 0:
         raise ValueError(f"idx must be a non-empty [batch, seq_len] tensor, got {getattr(idx, 'shape', idx)!r}")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(idx.shape):
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal idx shape {tuple(idx.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     greedy = not do_sample or temperature == 0
     window = model.config.max_seq_len
     group = model.tp_group

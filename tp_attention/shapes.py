@@ -15,13 +15,15 @@ from typing import Any
 from tp_attention.rope import check_rope_scaling
 
 
-def check_int(value: Any, name: str, minimum: int = 1) -> int:
-    """`value` if it is an int (not a bool) >= `minimum`."""
+def check_int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """`value` if it is an int (not a bool) >= `minimum` (and <= `maximum`, if given)."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} = {value!r} must be {rule}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} = {value!r} must be at most {maximum:,} (a typo?)")
     return value
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from train.cli import command_errors
 from train.reporting.metrics import read_records
 from train.reporting.plots import save_curves
 
@@ -44,19 +45,28 @@ def overrides(run: Path) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items if "=" in item)
 
 
+def read_state(status: Path) -> str:
+    """The `state` a run's status.json records.
+
+    Raises:
+        ValueError: the file is not a JSON object with a state (damaged), naming it.
+    """
+    try:
+        state = json.loads(status.read_text(errors="replace")).get("state")
+    except (ValueError, AttributeError):
+        state = None
+    if not isinstance(state, str):
+        raise ValueError(f"{status} is damaged (not a JSON object with a state): remove it or the run")
+    return state
+
+
 def summarize(run: Path) -> dict[str, Any]:
     records = read_records(run / "metrics.jsonl")
     train = [r["loss"] for r in records if r.get("loss") is not None]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
     status = run / "status.json"
-    state = (
-        json.loads(status.read_text())["state"]
-        if status.is_file()
-        else "failed"
-        if (run / "error.txt").is_file()
-        else "?"
-    )
+    state = read_state(status) if status.is_file() else "failed" if (run / "error.txt").is_file() else "?"
     error = (run / "error.txt").read_text().strip().splitlines()[-1] if (run / "error.txt").is_file() else None
     return {
         "run": run,
@@ -115,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
         print(f"compare error: no runs (metrics.jsonl) under {', '.join(map(str, args.dirs))}", file=sys.stderr)
         sys.exit(2)
-    rows = [summarize(r) for r in runs]
+    with command_errors("compare"):  # every run is read before anything is printed or written
+        rows = [summarize(r) for r in runs]
     keys, root = differing(rows), args.dirs[0]
     print(table(rows, keys, root))
     out = args.out or root / "compare.png"

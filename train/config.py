@@ -234,26 +234,18 @@ def _as_config_error(check, *args, **kwargs) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _numbers(cfg: TrainConfig) -> None:
-    """Finite numbers in their ranges (NaN and inf included): each a one-line ConfigError."""
-    o, p, t, d = cfg.optim, cfg.parallel, cfg.trainer, cfg.data
-    inf = math.inf
-    for name, value, low, high, low_open in [
-        ("optim.lr", o.lr, 0.0, inf, True),
-        ("optim.weight_decay", o.weight_decay, 0.0, inf, False),
-        ("optim.beta1", o.beta1, 0.0, 1.0, False),
-        ("optim.beta2", o.beta2, 0.0, 1.0, False),
-        ("optim.grad_clip", o.grad_clip, 0.0, inf, False),
-        ("parallel.timeout_s", p.timeout_s, 0.0, inf, True),
-        ("data.val_fraction", d.val_fraction, 0.0, 1.0, True),
-        ("trainer.spike_factor", t.spike_factor, 0.0, inf, False),
-    ]:
-        _as_config_error(check_number, value, name, low, high, low_open=low_open)
-    _as_config_error(check_number, o.min_lr, "optim.min_lr", 0.0, o.lr, high_open=False)
-    if 0 < t.spike_factor <= 1:
-        raise ConfigError(f"trainer.spike_factor = {t.spike_factor} must be 0 (off) or above 1")
-    positive = {
-        "trainer": (
+MAX_COUNT = 2**31 - 1  # no count, size or interval of a training job reaches it: a larger one is a typo
+INTEGERS = {  # every integer field: (least, most) allowed; None fields (optional) are skipped when null
+    **{f"model.{n}": (1, MAX_COUNT) for n in ("vocab_size", "max_seq_len", "emb_size", "num_heads", "head_size")},
+    **{f"model.{n}": (1, MAX_COUNT) for n in ("num_layers", "num_kv_heads", "ffn_mult", "intermediate_size")},
+    "data.bpe_vocab_size": (1, MAX_COUNT),
+    "data.max_bytes": (0, 2**50),  # bytes: may be large (1 PiB)
+    "optim.warmup_steps": (0, MAX_COUNT),
+    "optim.decay_steps": (1, MAX_COUNT),
+    **{f"parallel.{n}": (1, MAX_COUNT) for n in ("tp", "cp", "dp_shard", "dp_replicate", "nproc_per_node")},
+    **{
+        f"trainer.{n}": (1, MAX_COUNT)
+        for n in (
             "max_steps",
             "batch_size",
             "micro_batch",
@@ -265,21 +257,39 @@ def _numbers(cfg: TrainConfig) -> None:
             "keep_checkpoints",
             "max_bad_steps",
             "activation_checkpointing_every",
-        ),
-        "optim": ("decay_steps",),
-        "parallel": ("tp", "cp", "nproc_per_node"),
-    }
-    for section, names in positive.items():
-        for name in names:
-            value = getattr(getattr(cfg, section), name)
-            if value is not None:
-                _as_config_error(check_int, value, f"{section}.{name}")
-    for name, value in (
-        ("optim.warmup_steps", o.warmup_steps),
-        ("data.max_bytes", d.max_bytes),
-        ("trainer.sample_tokens", t.sample_tokens),
-    ):
-        _as_config_error(check_int, value, name, minimum=0)
+        )
+    },
+    "trainer.seed": (0, 2**32 - 1),  # numpy's generators take no negative seed
+    "trainer.sample_tokens": (0, MAX_COUNT),
+}
+
+
+def _numbers(cfg: TrainConfig) -> None:
+    """Finite numbers in their ranges (NaN, inf and absurd sizes included): each a one-line ConfigError."""
+    o, p, t, d, m = cfg.optim, cfg.parallel, cfg.trainer, cfg.data, cfg.model
+    for name, value, interval in [  # "(" / ")": that end excluded
+        ("optim.lr", o.lr, "(0, 10]"),
+        ("optim.weight_decay", o.weight_decay, "[0, 100]"),
+        ("optim.beta1", o.beta1, "[0, 1)"),
+        ("optim.beta2", o.beta2, "[0, 1)"),
+        ("optim.grad_clip", o.grad_clip, "[0, 1e6]"),
+        ("optim.eps", o.eps, "(0, 1]"),
+        ("parallel.timeout_s", p.timeout_s, "(0, 1e7]"),  # 115 days; timedelta overflows far above
+        ("data.val_fraction", d.val_fraction, "(0, 1)"),
+        ("trainer.spike_factor", t.spike_factor, "[0, 1e6]"),
+        ("model.rope_theta", m.rope_theta, "(0, 1e12]"),
+    ]:
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        kind = dict(low_open=interval[0] == "(", high_open=interval[-1] == ")")
+        _as_config_error(check_number, value, name, low, high, **kind)
+    _as_config_error(check_number, o.min_lr, "optim.min_lr", 0.0, o.lr, high_open=False)
+    if 0 < t.spike_factor <= 1:
+        raise ConfigError(f"trainer.spike_factor = {t.spike_factor} must be 0 (off) or above 1")
+    for name, (least, most) in INTEGERS.items():
+        section, field_name = name.split(".")
+        value = getattr(getattr(cfg, section), field_name)
+        if value is not None:
+            _as_config_error(check_int, value, name, minimum=least, maximum=most)
 
 
 def model_parallel(parallel: ParallelConfig) -> tuple[str, str]:
@@ -391,7 +401,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("data.hf_name must name a dataset when data.source = 'hf'")
     if d.tokenizer_file and not Path(d.tokenizer_file).expanduser().is_file():
         raise ConfigError(f"data.tokenizer_file = {d.tokenizer_file!r} is not a file")
-    if d.tokenizer == "bpe" and d.bpe_vocab_size <= 256:
+    if d.bpe_vocab_size <= 256:  # checked whatever the tokenizer: a typo is refused even where unused
         raise ConfigError(f"data.bpe_vocab_size = {d.bpe_vocab_size} must exceed 256 (the byte alphabet)")
     _as_config_error(check_seq_len, t.seq_len, m.max_seq_len, name="trainer.seq_len", max_name="model.max_seq_len")
     if t.mixed_precision == "fp16" and p.dp_shard > 1:

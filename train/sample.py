@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from tp_attention.generation import check_sampling
 from train.checkpoints.sources import load_source
 from train.cli import command_errors, parallel_groups, read_prompt
 from train.run.ranks import is_main_process
@@ -52,8 +53,17 @@ class Printer:
             self.printed = len(text)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad options before anything is loaded or printed (ValueError, one line)."""
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    for name, value in (("--num-samples", args.num_samples), ("--tp", args.tp)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
 def sample(args: argparse.Namespace) -> list[str]:
     """Generate `args.num_samples` continuations (streamed on rank 0); returns their full texts."""
+    check_args(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     groups = parallel_groups(args.tp or world)
     source = load_source(args.source, groups.tp_group if groups else None, groups.mesh if groups else None)
