@@ -181,7 +181,7 @@ def test_a_huge_learning_rate_never_overwrites_the_good_checkpoint(workdir, unin
     done = train(
         workdir,
         "huge_lr",
-        [*STEPS, "trainer.max_steps=40", "optim.lr=1e6", "optim.min_lr=0", f"trainer.resume={good}"],
+        [*STEPS, "trainer.max_steps=40", "optim.lr=10", "optim.min_lr=0", f"trainer.resume={good}"],
         check=False,
     )
     run = workdir / "runs" / "huge_lr"

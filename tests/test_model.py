@@ -163,7 +163,7 @@ def test_generation_options_and_errors():
         (dict(top_k=0), "top_k must be a positive integer, got 0"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
-        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             model.generate(prompt, 3, do_sample=True, **kwargs)

@@ -258,3 +258,20 @@ def test_compare_refuses_a_damaged_status_file_in_one_line_and_writes_nothing(tm
     expected = f"compare error: {damaged} is damaged (not a JSON object with a state): remove it or the run"
     assert (done.returncode, done.stderr.strip(), done.stdout) == (2, expected, "")
     assert not (tmp_path / "good" / "compare.png").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "has 0 tokens, fewer than one window"), (bytes(range(256)) * 20, "outside the model's vocabulary of 32")],
+    ids=["empty", "binary"],
+)
+def test_evaluate_refuses_text_it_cannot_score_in_one_line_and_writes_nothing(tmp_path, content, message):
+    """An empty file has no window; a binary one has bytes the fixture's 32-token model never saw (that was a
+    message about `targets`)."""
+    export = ROOT / "tests" / "data" / "before_attention_rename" / "export"
+    (tmp_path / "data.txt").write_bytes(content)
+    command = [sys.executable, "-m", "train.evaluate", str(export), "--data", str(tmp_path / "data.txt")]
+    done = subprocess.run([*command, "--out", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert done.stderr.startswith("evaluate error: ") and message in done.stderr, done.stderr
+    assert not (tmp_path / "eval.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -521,3 +522,49 @@ def test_every_numeric_field_refuses_what_a_person_mistypes_in_one_line_naming_i
                 if not (value == "0" and name in ZERO_MAKES_SENSE):
                     accepted.append(override)
     assert accepted == [] and unnamed == []
+
+
+CHOICES = {  # text fields whose value comes from a fixed list: a typo is refused
+    "model.norm",
+    "model.activation",
+    "model.position",
+    "data.source",
+    "data.tokenizer",
+    "optim.schedule",
+    "parallel.device",
+    "trainer.mixed_precision",
+    "trainer.activation_checkpointing",
+    "trainer.compile_backend",
+}
+FREE_TEXT = {  # names, paths (checked where they are opened), a prompt, a step range (its own rule)
+    "model.init_from",
+    "data.path",
+    "data.hf_name",
+    "data.hf_config",
+    "data.hf_split",
+    "data.hf_text_field",
+    "data.tokenizer_file",
+    "data.cache_dir",
+    "trainer.resume",
+    "trainer.out_dir",
+    "trainer.name",
+    "trainer.sample_prompt",
+    "trainer.profile_steps",
+}
+
+
+def test_every_choice_field_refuses_a_typo_in_one_line_naming_it(tmp_path):
+    """Every text field is a choice (a typo is refused, naming the field) or declared free text: a new text field
+    fails this test until it is one or the other."""
+    from dataclasses import fields
+
+    from train.__main__ import precheck
+    from train.config import SECTIONS, compose_config, validate
+
+    text = {f"{s}.{f.name}" for s, schema in SECTIONS.items() for f in fields(schema) if str(f.type).startswith("str")}
+    assert text == CHOICES | FREE_TEXT
+    for name in sorted(CHOICES):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)} = 'bogus' ") as refused:
+            precheck([f"{name}=bogus", f"trainer.out_dir={tmp_path}"])
+            validate(compose_config([f"{name}=bogus"]), world_size=1)
+        assert "\n" not in str(refused.value)

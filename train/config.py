@@ -9,7 +9,6 @@ the rule.
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -356,6 +355,13 @@ TRACKERS = {
 }  # name: module
 
 
+def compile_backends() -> list[str]:
+    """The backends `torch.compile` knows here (torch._dynamo's list, experimental ones included)."""
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
 def _choices(cfg: TrainConfig) -> None:
     """Names from fixed lists, trackers that are installed, a profile window, AdamW's implementation."""
     o, t = cfg.optim, cfg.trainer
@@ -364,7 +370,11 @@ def _choices(cfg: TrainConfig) -> None:
         check_choice, t.activation_checkpointing, "trainer.activation_checkpointing", ACTIVATION_CHECKPOINTING
     )
     _as_config_error(check_number, o.decay_fraction, "optim.decay_fraction", 0.0, 1.0, high_open=False)
-    _as_config_error(check_number, o.eps, "optim.eps", 0.0, math.inf, low_open=True)
+    if t.compile_backend not in compile_backends():
+        raise ConfigError(
+            f"trainer.compile_backend = {t.compile_backend!r} is not one of torch.compile's backends: "
+            + ", ".join(compile_backends())
+        )
     if o.fused and o.foreach:
         raise ConfigError("optim.fused and optim.foreach cannot both be true: AdamW takes one implementation")
     for name in t.log_with:

@@ -68,6 +68,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     count = min(len(tokens) - 1, args.max_tokens) // seq_len  # whole windows
     if count < 1:
         raise ConfigError(f"{where} has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+    if tokens.max() >= model.config.vocab_size:
+        raise ConfigError(
+            f"{where} has token id {tokens.max()}, outside the model's vocabulary of {model.config.vocab_size}: "
+            "its tokenizer is not the one the model was trained with"
+        )
     dp, dp_rank = (groups.dp_size, groups.dp_rank) if groups else (1, 0)
     nats, text_bytes = torch.zeros((), dtype=torch.float64, device=device), 0
     mine = list(range(dp_rank, count, dp))
