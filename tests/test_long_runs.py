@@ -371,19 +371,38 @@ def test_a_really_full_disk_stops_the_run_cleanly(workdir, tmp_path, leave, over
             ["trainer.batch_size=8", "trainer.log_interval=1", "trainer.keep_checkpoints=1", *overrides],
             env={"TP_FAULT": "slow@2-3"},
         )
-        wait_for_steps(workdir, disk, 1, proc)
-        fill(disk, leave)
-        code, err = finish(proc)
-        run = run_dir(workdir, disk)
-        assert code == 1, err[-3000:]
-        assert "training error: disk full while writing" in err and failing in err, err[-3000:]
-        assert len(err.strip().splitlines()) == 1, "one line, no traceback"
-        if failing.startswith("checkpoint"):  # its first save: the partial one was written, then removed
-            assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [], "no partial save left"
-            assert "the last complete checkpoint is none" in err
-        else:
-            assert not (run / "checkpoints").exists(), "no checkpoint was due"
-        assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()), "whole lines"
+        assert_stops_on_a_full_disk(workdir, disk, proc, leave, failing)
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_while_saving_at_cp2_stops_every_rank_cleanly(workdir, tmp_path):
+    """The checkpoint case under torchrun at parallel.cp=2: both ranks learn of the failure, one line, no partial
+    save left."""
+    with tmpfs(tmp_path / "small", "6m") as disk:
+        overrides = ["trainer.batch_size=8", "trainer.log_interval=1", "trainer.keep_checkpoints=1", "parallel.cp=2"]
+        overrides += ["trainer.max_steps=12", "trainer.checkpoint_interval=4"]
+        proc = start(workdir, disk, overrides, command=[*TORCHRUN, "-m", "train"], env={"TP_FAULT": "slow@2-3"})
+        assert_stops_on_a_full_disk(workdir, disk, proc, 200_000, "checkpoint step 4", ranks=2)
+
+
+def assert_stops_on_a_full_disk(workdir, disk, proc, leave: int, failing: str, ranks: int = 1) -> None:
+    """Fill `disk` once the run has logged a step; it must stop with one line naming what `failing` names (under
+    torchrun, whose own report follows, the same line from each of the `ranks`), whole metrics lines and no partial
+    save."""
+    wait_for_steps(workdir, disk, 1, proc)
+    fill(disk, leave)
+    code, err = finish(proc)
+    run = run_dir(workdir, disk)
+    assert code == 1, err[-3000:]
+    assert "training error: disk full while writing" in err and failing in err, err[-3000:]
+    job = [line for line in err.strip().splitlines() if ranks == 1 or "training error" in line]
+    assert len(job) == ranks and len(set(job)) == 1, "one line (per rank), no traceback"
+    if failing.startswith("checkpoint"):  # its first save: the partial one was written, then removed
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [], "no partial save left"
+        assert "the last complete checkpoint is none" in err
+    else:
+        assert not (run / "checkpoints").exists(), "no checkpoint was due"
+    assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()), "whole lines"
 
 
 def test_a_torn_last_metrics_line_does_not_stop_a_resume(workdir, uninterrupted):
