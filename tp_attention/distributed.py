@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from tp_attention.context import cp_rank, cp_size
 from tp_attention.groups import ProcessGroup, TPGroup
 
 
@@ -43,11 +44,11 @@ class ParallelGroups:
 
     @property
     def cp_size(self) -> int:
-        return 1 if self.cp_group is None else dist.get_world_size(self.cp_group)
+        return cp_size(self.cp_group)
 
     @property
     def cp_rank(self) -> int:
-        return 0 if self.cp_group is None else dist.get_rank(self.cp_group)
+        return cp_rank(self.cp_group)
 
     @property
     def batch_ranks(self) -> int:
