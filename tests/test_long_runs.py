@@ -119,7 +119,7 @@ def test_a_signal_saves_the_step_and_the_same_command_continues_the_run(workdir,
 
 
 @pytest.mark.slow  # signals in the default suite: SIGINT to the job, the second signal
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2"])
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2", "parallel.pp=2"])
 def test_sigterm_to_the_torchrun_agent_reaches_every_rank_which_saves(workdir, uninterrupted, layout):
     out = f"agent_{layout[9:11]}"
     overrides = [*STEPS, "trainer.log_interval=1", layout]

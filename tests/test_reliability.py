@@ -32,7 +32,7 @@ def reference(workdir) -> list[float]:
 
 
 @pytest.mark.slow  # a crash mid-save and resume stay in the default suite
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2"])
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2", "parallel.pp=2"])
 def test_killed_rank_restarts_and_resumes(workdir, reference, layout):
     command = [*TORCHRUN, "--max-restarts=1", "-m", "train"]
     run = f"killed_{layout[9:11]}"
@@ -42,7 +42,10 @@ def test_killed_rank_restarts_and_resumes(workdir, reference, layout):
     assert_same_curve(losses(workdir, run), reference, f"{layout}: SIGKILL at step 8, restart from step 5")
 
 
-@pytest.mark.parametrize("layout", ["parallel.tp=2", pytest.param("parallel.cp=2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "layout",
+    ["parallel.tp=2", *(pytest.param(layout, marks=pytest.mark.slow) for layout in ("parallel.cp=2", "parallel.pp=2"))],
+)
 def test_killed_while_saving_keeps_the_previous_checkpoint(workdir, reference, layout):
     command = [*TORCHRUN, "--max-restarts=1", "-m", "train"]
     run = f"crash_save_{layout[9:11]}"

@@ -52,6 +52,24 @@ def test_default_config_composes_and_is_valid():
             r"world_size = 6 must be divisible by parallel.tp x parallel.cp = 2 x 2",
         ),
         (["parallel.cp=0"], 1, r"parallel.cp = 0 must be a positive integer"),
+        (["parallel.pp=2"], 3, r"world_size = 3 must be divisible by parallel.pp x parallel.tp = 2 x 1"),
+        (["parallel.pp=2", "model.num_layers=3"], 2, r"model.num_layers = 3 must be divisible by parallel.pp = 2"),
+        (
+            ["parallel.pp=2", "parallel.pp_layers=[3,2]"],
+            2,
+            r"parallel.pp_layers = \[3, 2\] must give each of parallel.pp = 2 stages at least one layer, "
+            r"model.num_layers = 4 in all",
+        ),
+        (
+            ["parallel.pp=2", "parallel.pp_microbatches=3"],
+            2,
+            r"parallel.pp_microbatches = 3 must divide trainer.batch_size / dp = 16",
+        ),
+        (
+            ["parallel.pp=2", "trainer.micro_batch=2"],
+            2,
+            r"trainer.micro_batch = 2 must be trainer.batch_size / dp / parallel.pp_microbatches = 16 / 2",
+        ),
         (["parallel.cp=2", "trainer.seq_len=30"], 2, r"trainer.seq_len = 30 must be a multiple of 2 \* cp = 4"),
         (
             ["parallel.cp=2", "parallel.tp=4", "parallel.sequence_parallel=true", "trainer.seq_len=36"],
@@ -196,9 +214,22 @@ LAYOUT_RUNS = {  # activation checkpointing rides along: it must not change the 
         4,
     ),
     "fsdp2_cp2": (["parallel.dp_shard=2", "parallel.cp=2"], 4),
+    "pp2_gpipe_4_microbatches": (["parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=4"], 2),
+    "pp2_tp2_sp_selective_ac": (
+        [
+            "parallel.pp=2",
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "trainer.activation_checkpointing=selective",
+        ],
+        4,
+    ),
+    "pp2_fsdp2": (["parallel.pp=2", "parallel.dp_shard=2"], 4),
+    "pp2_dp2": (["parallel.pp=2"], 4),  # DDP's averaging, done by hand: DDP cannot wrap a stage
+    "pp2_cp2": (["parallel.pp=2", "parallel.cp=2"], 4),
 }
 FOUR_RANKS = [name for name, (_, nproc) in LAYOUT_RUNS.items() if nproc == 4]
-IN_THE_DEFAULT_SUITE = ["cp2_tp2_sp_full_ac"]  # context parallelism composed with TP, at 10 steps
+IN_THE_DEFAULT_SUITE = ["cp2_tp2_sp_full_ac", "pp2_tp2_sp_selective_ac"]  # CP and PP composed with TP, 10 steps
 
 
 @pytest.mark.parametrize(
@@ -260,6 +291,45 @@ def test_cp2_follows_the_single_process_curve_and_its_checkpoints_resume_at_othe
     assert memory["cp2"]["activations"] < 0.55 * memory["single"]["activations"]
     assert "world 2 = dp 1 x cp 2 x tp 1" in rank0_log(workdir, "cp2")
     assert_checkpoints_cross_layouts(workdir, single, "cp2", ["parallel.cp=2"], 2)
+
+
+def test_pp2_follows_the_single_process_curve_exports_the_same_model_and_its_checkpoints_cross_layouts(workdir, single):
+    """parallel.pp=2 (1F1B, tied embeddings on both stages): the same loss and validation curve; the exported
+    model is one process's; its checkpoint resumes in one process and a one-process checkpoint at pp=2."""
+    from safetensors.torch import load_file
+
+    train(workdir, "pp2", ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.pp=2"], 2)
+    assert_same_curve(losses(workdir, "pp2"), single, "pp=2")
+    val = {run: [r["val_loss"] for r in metrics(workdir, run) if "val_loss" in r] for run in ("single", "pp2")}
+    assert_same_curve(val["pp2"], val["single"], "pp=2 validation loss")
+    exports = {run: load_file(workdir / "runs" / run / "export" / "model.safetensors") for run in ("single", "pp2")}
+    assert exports["pp2"].keys() == exports["single"].keys()
+    for name, tensor in exports["single"].items():
+        assert_close(exports["pp2"][name], tensor, rtol=1e-4, atol=1e-6, what=f"exported {name}")
+    assert (workdir / "runs" / "pp2" / "sample.txt").read_text() != ""
+    log = rank0_log(workdir, "pp2")
+    assert "world 2 = pp 2 (1f1b) x dp 1 x cp 1 x tp 1" in log and "pipeline stage 0 of 2: layers 0 to 0" in log
+    assert_checkpoints_cross_layouts(workdir, single, "pp2", ["parallel.pp=2"], 2)
+
+
+@pytest.mark.slow  # a 4-rank run and three resumes
+def test_a_pp2_tp2_checkpoint_resumes_at_pp1_tp1_and_pp1_tp2_and_back(workdir, single):
+    overrides = ["trainer.max_steps=10", "trainer.batch_size=8"]
+    train(workdir, "pp2_tp2", [*overrides, "parallel.pp=2", "parallel.tp=2"], 4)
+    assert_same_curve(losses(workdir, "pp2_tp2"), single, "pp=2 x tp=2")
+    step5 = workdir / "runs" / "pp2_tp2" / "checkpoints" / "step_5"
+    for layout, nproc in ((["parallel.tp=1"], 1), (["parallel.tp=2"], 2)):
+        run = f"pp2_tp2_to_{layout[0][-1]}"
+        train(workdir, run, [*overrides, f"trainer.resume={step5}", *layout], nproc)
+        assert_same_curve(losses(workdir, run), single, f"pp=2 x tp=2 checkpoint resumed at {layout}")
+    back = workdir / "runs" / "pp2_tp2_to_2" / "checkpoints" / "step_10"
+    train(
+        workdir,
+        "and_back",
+        ["trainer.max_steps=12", "trainer.batch_size=8", f"trainer.resume={back}", "parallel.pp=2", "parallel.tp=2"],
+        4,
+    )
+    assert [r["step"] for r in metrics(workdir, "and_back")][-2:] == [11, 12]
 
 
 @pytest.mark.slow  # inductor compiles for about a minute on 2 cores
@@ -535,6 +605,7 @@ CHOICES = {  # text fields whose value comes from a fixed list: a typo is refuse
     "trainer.mixed_precision",
     "trainer.activation_checkpointing",
     "trainer.compile_backend",
+    "parallel.pp_schedule",
 }
 FREE_TEXT = {  # names, paths (checked where they are opened), a prompt, a step range (its own rule)
     "model.init_from",

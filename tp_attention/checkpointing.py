@@ -27,9 +27,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
         raise ValueError(f"activation checkpointing mode = {mode!r} must be one of {', '.join(MODES)}")
     if every < 1:
         raise ValueError(f"activation checkpointing every = {every} must be >= 1")
-    for i, block in enumerate(model._decoders):
-        block.checkpointed = is_recomputed(i, mode, every)
-    return sum(block.checkpointed for block in model._decoders)
+    for i, block in model._decoders.items():  # a pipeline stage's blocks under their layer numbers
+        block.checkpointed = is_recomputed(int(i), mode, every)
+    return sum(block.checkpointed for block in model._decoders.values())
 
 
 def is_recomputed(block: int, mode: str, every: int = 2) -> bool:

@@ -36,6 +36,17 @@ class ParallelGroups:
     dp_group: ProcessGroup
     tp_group: ProcessGroup | TPGroup
     cp_group: ProcessGroup | None = None
+    pp_group: ProcessGroup | None = None
+    embedding_group: ProcessGroup | None = None  # the first and last stage at this (dp, tp) position
+
+    @property
+    def pp_size(self) -> int:
+        return 1 if self.pp_group is None else dist.get_world_size(self.pp_group)
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage."""
+        return 0 if self.pp_group is None else dist.get_rank(self.pp_group)
 
     @property
     def dp_size(self) -> int:
@@ -97,16 +108,18 @@ def _elastic_store(timeout: timedelta | None) -> dist.Store | None:
 
 
 def init_parallel_groups(
-    tp: int, device_type: str | None = None, timeout_s: float | None = None, cp: int = 1
+    tp: int, device_type: str | None = None, timeout_s: float | None = None, cp: int = 1, pp: int = 1
 ) -> ParallelGroups:
     """Build the `(dp, tp)` mesh over all ranks (initialising the default process group if needed), and with
-    `cp > 1` the context-parallel groups: ranks `(b * cp + c) * tp + t` for `c < cp` form one.
+    `cp > 1` the context-parallel groups: ranks `(b * cp + c) * tp + t` for `c < cp` form one. With `pp > 1`
+    the world is `(pp, dp, tp)`, stages outermost (torchtitan's order: a stage's ranks are neighbours): `mesh`
+    is this stage's `(dp, tp)`, `pp_group` the ranks at this position on every stage.
 
     The backend is gloo for `device_type="cpu"` and nccl for `"cuda"`. Reads the usual
     torchrun environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...) when it has to initialise.
 
     Raises:
-        ValueError: `tp` or `cp` is not positive, or `tp x cp` does not divide the world size.
+        ValueError: `pp`, `tp` or `cp` is not positive, or `pp x tp x cp` does not divide the world size.
     """
     device_type = device_type or default_device_type()
     if not dist.is_initialized():
@@ -120,12 +133,31 @@ def init_parallel_groups(
             where = dict(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         dist.init_process_group(backend, timeout=timeout, **where)
     world = dist.get_world_size()
-    if tp < 1 or cp < 1 or world % (tp * cp) != 0:
-        sizes = f"tp = {tp}" if cp == 1 else f"tp x cp = {tp} x {cp}"
+    if tp < 1 or cp < 1 or pp < 1 or world % (pp * tp * cp) != 0:
+        axes = [(name, size) for name, size in (("pp", pp), ("tp", tp), ("cp", cp)) if name == "tp" or size != 1]
+        sizes = f"{' x '.join(n for n, _ in axes)} = {' x '.join(str(s) for _, s in axes)}"
         raise ValueError(f"world_size = {world} must be a positive multiple of {sizes}")
-    mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    stage = world // pp  # ranks per pipeline stage
+    if pp == 1:
+        mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        pp_group = embedding_group = None
+    else:
+        layout = init_device_mesh(device_type, (pp, stage // tp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        mesh, pp_group = layout["dp", "tp"], layout.get_group("pp")
+        embedding_group = pp_group if pp == 2 else _first_and_last_stages(pp, stage)
     cp_group = None
     if cp > 1:
-        layout = init_device_mesh(device_type, (world // (tp * cp), cp, tp), mesh_dim_names=("batch", "cp", "tp"))
-        cp_group = layout.get_group("cp")
-    return ParallelGroups(mesh, mesh.get_group("dp"), mesh.get_group("tp"), cp_group)
+        shape, names = (pp, stage // (tp * cp), cp, tp), ("pp", "batch", "cp", "tp")
+        cp_group = init_device_mesh(device_type, shape, mesh_dim_names=names).get_group("cp")
+    return ParallelGroups(mesh, mesh.get_group("dp"), mesh.get_group("tp"), cp_group, pp_group, embedding_group)
+
+
+def _first_and_last_stages(pp: int, stage: int) -> ProcessGroup:
+    """This rank's group of two: the same position on the first and on the last of `pp` stages of `stage`
+    ranks each (every rank builds every group, in the same order, as `new_group` asks)."""
+    mine = None
+    for position in range(stage):
+        group = dist.new_group([position, (pp - 1) * stage + position])
+        if dist.get_rank() % stage == position:
+            mine = group
+    return mine

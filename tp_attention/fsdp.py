@@ -26,12 +26,13 @@ from torch.distributed.tensor import DTensor, Shard
 from tp_attention.vocab import VocabParallelEmbedding
 
 
-def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int, tp: int) -> DeviceMesh:
-    """The DP part of the `(dp_replicate, dp_shard, tp)` mesh: 1-D `dp_shard`, or 2-D
-    `(dp_replicate, dp_shard)` for HSDP. Rank `(r * dp_shard + s) * tp + t` sits at `(r, s, t)`, the
-    layout of `init_parallel_groups`' `(dp, tp)` mesh with `dp = r * dp_shard + s`. A collective."""
+def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int, tp: int, pp: int = 1) -> DeviceMesh:
+    """The DP part of the `(pp, dp_replicate, dp_shard, tp)` mesh: 1-D `dp_shard`, or 2-D
+    `(dp_replicate, dp_shard)` for HSDP, within this rank's pipeline stage. Rank
+    `((p * dp_replicate + r) * dp_shard + s) * tp + t` sits at `(p, r, s, t)`, the layout of
+    `init_parallel_groups`' mesh with `dp = r * dp_shard + s`. A collective."""
     mesh = init_device_mesh(
-        device_type, (dp_replicate, dp_shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
+        device_type, (pp, dp_replicate, dp_shard, tp), mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp")
     )
     return mesh["dp_shard"] if dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
 
@@ -62,7 +63,7 @@ def shard_data_parallel(
         mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None),
         shard_placement_fn=lambda param: Shard(1) if id(param) in tables else Shard(0),
     )
-    for block in model._decoders:
+    for block in model._decoders.values():
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -12,33 +14,47 @@ from tp_attention.mappings import all_reduce_in_place
 from tp_attention.state_dict import sharded_parameters
 
 
-def grad_norm(model: nn.Module, tp_group: Group = None) -> torch.Tensor:
-    """The global L2 norm of the unsharded model's gradients (a collective over `tp_group`).
+def grad_norm(
+    model: nn.Module, tp_group: Group = None, pp_group: dist.ProcessGroup | None = None, skip: Collection[str] = ()
+) -> torch.Tensor:
+    """The global L2 norm of the unsharded model's gradients (a collective over `tp_group`, and `pp_group`).
 
     Each rank adds `|g|^2 * num_shards / tp` per gradient, so after the all-reduce a gradient
     split over the group counts once in full and a replicated one (LayerNorm, row-parallel bias,
-    position embedding, replicated KV heads) counts once, not tp times.
+    position embedding, replicated KV heads) counts once, not tp times. With pipeline parallelism `model` is
+    one stage: the squares are summed over the stages (`pp_group`) too, leaving out the parameters in `skip`
+    (a tied table's second copy, `tp_attention.pipeline.counted_elsewhere`).
     """
     tp = tp_size(tp_group)
     specs = sharded_parameters(model)
     total = None
     for name, p in model.named_parameters():
-        if p.grad is None:
+        if p.grad is None or name in skip:
             continue
         share = (specs[name][0].num_shards if name in specs else 1) / tp
         sq = local(p.grad).detach().float().pow(2).sum() * share  # FSDP2: this rank's rows of the TP shard
         total = sq if total is None else total + sq
     if total is None:
-        return torch.zeros(())
+        total = torch.zeros(())
+        if pp_group is None:
+            return total
     total = all_reduce_in_place(total, tp_group)
     for group in data_parallel_groups(model):  # FSDP2: each DP rank holds other rows
         dist.all_reduce(total, group=group)
+    if pp_group is not None:  # each stage holds other layers
+        dist.all_reduce(total, group=pp_group)
     return total.sqrt()
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group: Group = None) -> torch.Tensor:
-    """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
-    norm = grad_norm(model, tp_group)
+def clip_grad_norm_(
+    model: nn.Module,
+    max_norm: float,
+    tp_group: Group = None,
+    pp_group: dist.ProcessGroup | None = None,
+    skip: Collection[str] = (),
+) -> torch.Tensor:
+    """Scale all gradients so their global norm (`grad_norm`) is at most `max_norm`; returns the norm before."""
+    norm = grad_norm(model, tp_group, pp_group, skip)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
         if p.grad is not None:
@@ -60,3 +76,15 @@ def sync_replicated_grads(model: nn.Module, tp_group: Group) -> None:
         flat = all_reduce_in_place(torch.cat([g.reshape(-1) for g in grads]), tp_group)
         for g, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(summed.view_as(g))
+
+
+def average_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """Average every gradient over `group` (data-parallel replicas), in one all-reduce: DDP's result, for
+    modules DDP cannot wrap (a pipeline stage runs several forwards before their backwards)."""
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        for g, averaged in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(averaged.view_as(g))

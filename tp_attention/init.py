@@ -22,6 +22,9 @@ chunking changes no weight (pinned by tests/test_init.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,6 +88,9 @@ def fill_(
         piece = param.to_local()
         offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)[1]
     if piece.is_meta:
+        if _DRAW_META.get() and init.kind != "constant":  # not this rank's: keep the stream where others have it
+            for _ in _chunks(full_shape, init, generator):
+                pass
         return
     with torch.no_grad():
         if init.kind == "constant":
@@ -100,15 +106,37 @@ def fill_(
         if spec is not None and spec.dim == 0:
             rows += spec.index(tp_rank, tp) * (spec.padded_size(full_shape[0]) // spec.num_shards)
         end = rows + piece.size(0)
-        row_numel = math.prod(full_shape[1:])
-        step, start = rows_per_chunk(row_numel), 0
-        while start < full_shape[0]:
-            stop = min(start + step, full_shape[0])
-            if (full_shape[0] - stop) * row_numel < 16:  # a last chunk under 16 numbers would draw differently
-                stop = full_shape[0]
-            chunk = init.draw((stop - start, *full_shape[1:]), generator)
+        for start, chunk in _chunks(full_shape, init, generator):
             lo, hi = max(start, rows), min(start + chunk.size(0), end)
             if lo < hi:
                 part = chunk[lo - start : hi - start]
                 piece[lo - rows : hi - rows].copy_(part if columns is None else part[:, columns])
-            start = stop
+
+
+def _chunks(
+    full_shape: tuple[int, ...], init: Init, generator: torch.Generator | None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The `full_shape` tensor drawn from `generator` as `(first row, chunk)` pairs of `rows_per_chunk` rows."""
+    row_numel = math.prod(full_shape[1:])
+    step, start = rows_per_chunk(row_numel), 0
+    while start < full_shape[0]:
+        stop = min(start + step, full_shape[0])
+        if (full_shape[0] - stop) * row_numel < 16:  # a last chunk under 16 numbers would draw differently
+            stop = full_shape[0]
+        yield start, init.draw((stop - start, *full_shape[1:]), generator)
+        start = stop
+
+
+_DRAW_META: ContextVar[bool] = ContextVar("draw_meta", default=False)
+
+
+@contextmanager
+def drawing_meta_tensors() -> Iterator[None]:
+    """Inside, `fill_` of a tensor on the meta device still draws its numbers (and keeps none): a pipeline
+    stage initialises the whole model's modules in order, its own real and the other stages' on meta, so
+    its weights are the ones one process draws (`GPT.reset_parameters(generator, order)`)."""
+    token = _DRAW_META.set(True)
+    try:
+        yield
+    finally:
+        _DRAW_META.reset(token)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from tp_attention.context import cp_rank, cp_size, local_positions, shard_sequen
 from tp_attention.generation import generate
 from tp_attention.groups import Group, ProcessGroup, check_group, tp_rank, tp_size
 from tp_attention.hf import load_weights, read_config, save_pretrained
-from tp_attention.init import Init, fill_
+from tp_attention.init import Init, drawing_meta_tensors, fill_
 from tp_attention.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -144,6 +145,27 @@ class Decoder(nn.Module):
         return h + self._ff(self._norm2(h), sequence_parallel)  # all-reduce 2 (forward), 2 (backward)
 
 
+def write_model(state: Mapping[str, torch.Tensor], cfg: GPTConfig, path: Path) -> None:
+    """Write the full `state` of a GPT of config `cfg` to directory `path` as `GPT.save` does (atomically:
+    `model.safetensors`, its config in the metadata too, and `config.json`). Not a collective."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(asdict(cfg), indent=2)
+    tmp = path / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt", "config": config})
+    os.replace(tmp, path / "model.safetensors")
+    (path / "config.json").write_text(config + "\n")
+
+
+class Blocks(nn.ModuleDict):
+    """The decoder blocks under their layer numbers ("0", "1", ...; `blocks[i]` takes an int too): a pipeline
+    stage keeps only its own, under the whole model's names (torchtitan's ModuleDict of layers)."""
+
+    def __getitem__(self, key: int | str) -> Decoder:
+        return super().__getitem__(str(key))
+
+
 class GPT(nn.Module):
     """GPT whose attention heads, MLP columns and vocabulary are split over `tp_group`.
 
@@ -215,7 +237,7 @@ class GPT(nn.Module):
                 generator=generator,
             )
         self._dropout = SequenceParallelDropout(cfg.dropout, tp_group)
-        self._decoders = nn.ModuleList(Decoder(cfg, tp_group, generator, cp_group) for _ in range(cfg.num_layers))
+        self._decoders = Blocks({str(i): Decoder(cfg, tp_group, generator, cp_group) for i in range(cfg.num_layers)})
         self._norm = make_norm(cfg)
         self._lm_head = (
             None
@@ -224,6 +246,7 @@ class GPT(nn.Module):
                 cfg.vocab_size, cfg.emb_size, tp_group=tp_group, init_std=INIT_STD, generator=generator
             )
         )
+        self.stage = None  # a pipeline stage's part only (tp_attention.pipeline.split_model)
 
     @classmethod
     def from_config(
@@ -239,23 +262,28 @@ class GPT(nn.Module):
         parallel = dict(tp_group=tp_group, sequence_parallel=sequence_parallel, cp_group=cp_group)
         return cls(**values, generator=generator, **parallel)
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None, order: list[nn.Module] | None = None) -> None:
         """Draw every weight again from `generator`, in the constructor's order, so the same seed gives the
         same numbers: after `to_empty`, this materialises a model built on the meta device (and perhaps
         sharded there by `tp_attention.fsdp.shard_data_parallel`). Each rank draws the full tensors chunk
         by chunk and keeps its pieces (`tp_attention.init`): no rank ever holds a whole parameter.
-        RoPE's computed buffer is recomputed too."""
-        for module in self.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-                module.reset_parameters(generator)
-            elif module is self._position_embeddings:
-                fill_(module.weight, tuple(module.weight.shape), Init("normal", INIT_STD), generator=generator)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                for param, value in ((module.weight, 1.0), (getattr(module, "bias", None), 0.0)):  # RMSNorm: none
-                    if param is not None:
-                        fill_(param, tuple(param.shape), Init("constant", value))
-            elif isinstance(module, RotaryEmbedding):
-                module.reset()
+        RoPE's computed buffer is recomputed too. A pipeline stage passes the whole model's modules
+        (`order`, from `tp_attention.pipeline.split_model`): the other stages' are drawn and dropped."""
+        with drawing_meta_tensors() if order is not None else nullcontext():
+            for module in self.modules() if order is None else order:
+                self._reset_module(module, generator)
+
+    def _reset_module(self, module: nn.Module, generator: torch.Generator | None) -> None:
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            module.reset_parameters(generator)
+        elif isinstance(module, nn.Embedding):  # the learned position table (on every stage's list)
+            fill_(module.weight, tuple(module.weight.shape), Init("normal", INIT_STD), generator=generator)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            for param, value in ((module.weight, 1.0), (getattr(module, "bias", None), 0.0)):  # RMSNorm: none
+                if param is not None:
+                    fill_(param, tuple(param.shape), Init("constant", value))
+        elif isinstance(module, RotaryEmbedding):
+            module.reset()
 
     @property
     def output_embeddings(self) -> VocabParallelEmbedding:
@@ -318,15 +346,49 @@ class GPT(nn.Module):
         sequence_parallel = sequence_parallel and tp > 1
         if sequence_parallel:  # this rank's tokens from here to the LM head
             check_sequence_parallel(idx.size(1), tp)
-        h = self._token_embeddings(idx, sequence_parallel)  # (B, T[/tp], E)
-        if self._position_embeddings is not None:
-            mine = positions.chunk(tp, dim=-1)[tp_rank(self.tp_group)] if sequence_parallel else positions
-            h = h + self._position_embeddings(mine)
-        h = self._dropout(h, sequence_parallel)
-        for i, block in enumerate(self._decoders):
+        h = self._embed(idx, positions, sequence_parallel)
+        for i, block in enumerate(self._decoders.values()):
             kv_cache = None if kv_caches is None else kv_caches[i]
             h = block(h, kv_cache, sequence_parallel, mask, positions, context_parallel)
         return self._norm(h)
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+        """Token (and learned position) embeddings, then dropout: `[B, T, E]`, or `[B, T / tp, E]` with
+        `sequence_parallel` (this rank's tokens)."""
+        h = self._token_embeddings(idx, sequence_parallel)  # (B, T[/tp], E)
+        if self._position_embeddings is not None:
+            tp = tp_size(self.tp_group)
+            mine = positions.chunk(tp, dim=-1)[tp_rank(self.tp_group)] if sequence_parallel else positions
+            h = h + self._position_embeddings(mine)
+        return self._dropout(h, sequence_parallel)
+
+    def _stage_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One pipeline stage's part of the training forward (`tp_attention.pipeline`): token ids `[B, T]` on
+        the first stage, the previous stage's hidden states after; returns the hidden states for the next stage
+        (`[B, T / cp, E]`, `/ tp` more with sequence parallelism), on the last stage this rank's vocabulary
+        shard of the logits `[B, T / cp, V_local]` (the loss is the schedule's `loss_fn`)."""
+        tp, cp = tp_size(self.tp_group), cp_size(self.cp_group)
+        sequence_parallel = self.sequence_parallel and tp > 1
+        if self.stage.first:
+            self._check_ids(x, "idx")
+            seq_len = x.size(1)
+            check_seq_len(seq_len, self.config.max_seq_len)
+            if cp > 1:
+                check_context_parallel(seq_len, cp, "idx's seq_len")
+                x = shard_sequence(x, self.cp_group)
+            if sequence_parallel:
+                check_sequence_parallel(x.size(1), tp)
+        else:
+            seq_len = x.size(1) * cp * (tp if sequence_parallel else 1)
+        positions = torch.arange(seq_len, device=x.device)
+        if cp > 1:
+            positions = local_positions(seq_len, cp, cp_rank(self.cp_group), x.device)
+        h = self._embed(x, positions, sequence_parallel) if self.stage.first else x
+        for block in self._decoders.values():
+            h = block(h, None, sequence_parallel, None, positions, cp > 1)
+        if not self.stage.last:
+            return h
+        return self.output_embeddings.logits(self._norm(h), sequence_parallel)
 
     def forward(
         self,
@@ -352,6 +414,8 @@ class GPT(nn.Module):
             TypeError / ValueError: ids that are not integers in the vocabulary, mismatched shapes, or a
                 mask that is not 0/1 of shape `[B, T_cached + T]`.
         """
+        if self.stage is not None:
+            return self._stage_forward(idx)
         head = self.output_embeddings
         if targets is None:
             return head.gather_logits(head.logits(self._hidden(idx, kv_caches, attention_mask=attention_mask)))
@@ -373,7 +437,7 @@ class GPT(nn.Module):
 
     def new_kv_caches(self) -> list[KVCache]:
         """Empty per-layer KV caches (this rank's heads only) for incremental decoding."""
-        return [KVCache(self.config.max_seq_len) for _ in self._decoders]
+        return [KVCache(self.config.max_seq_len) for _ in self._decoders.values()]
 
     def next_token_logits(
         self,
@@ -398,7 +462,7 @@ class GPT(nn.Module):
         if self._position_embeddings is not None:
             h = h + self._position_embeddings(torch.arange(idx.size(1), device=idx.device))
         maps = []
-        for block in self._decoders:
+        for block in self._decoders.values():
             maps.append(block._attention.get_attention_weights(block._norm1(h), gather=gather))
             h = block(h)
         return torch.stack(maps)
@@ -406,17 +470,10 @@ class GPT(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the unsharded model to directory `path`: `model.safetensors` (config in its metadata
         too) and `config.json`. A collective: call on every rank; global rank 0 writes."""
-        from safetensors.torch import save_file
-
-        state = {k: v.contiguous() for k, v in full_state_dict(self).items()}
+        state = full_state_dict(self)
         path = Path(path)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            config = json.dumps(asdict(self.config), indent=2)
-            tmp = path / "model.safetensors.tmp"
-            save_file(state, tmp, metadata={"format": "pt", "config": config})
-            os.replace(tmp, path / "model.safetensors")
-            (path / "config.json").write_text(config + "\n")
+            write_model(state, self.config, path)
         if dist.is_initialized():
             dist.barrier()
         return path

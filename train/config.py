@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from tp_attention.checkpointing import MODES as ACTIVATION_CHECKPOINTING
 from tp_attention.config import GPTConfig
+from tp_attention.pipeline import SCHEDULES, stage_layers
 from tp_attention.shapes import (
     check_choice,
     check_context_parallel,
@@ -132,7 +133,15 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = opt(1, "tensor-parallel size; dp = world_size / (tp x cp)")
+    tp: int = opt(1, "tensor-parallel size; dp = world_size / (pp x tp x cp)")
+    pp: int = opt(1, "pipeline-parallel stages: the layers split into this many consecutive groups of ranks")
+    pp_schedule: str = opt("1f1b", "pipeline schedule (torch.distributed.pipelining): gpipe | 1f1b")
+    pp_microbatches: int | None = opt(
+        None, "micro-batches per step through the pipeline (they divide batch_size / dp); null: pp"
+    )
+    pp_layers: list[int] | None = field(
+        default=None, metadata={"help": "layers per stage, first to last (sums to model.num_layers); null: even"}
+    )
     cp: int = opt(
         1,
         "context-parallel size: each sequence split over this many ranks (seq_len / cp tokens each), attention a ring",
@@ -241,7 +250,10 @@ INTEGERS = {  # every integer field: (least, most) allowed; None fields (optiona
     "data.max_bytes": (0, 2**50),  # bytes: may be large (1 PiB)
     "optim.warmup_steps": (0, MAX_COUNT),
     "optim.decay_steps": (1, MAX_COUNT),
-    **{f"parallel.{n}": (1, MAX_COUNT) for n in ("tp", "cp", "dp_shard", "dp_replicate", "nproc_per_node")},
+    **{
+        f"parallel.{n}": (1, MAX_COUNT)
+        for n in ("tp", "cp", "pp", "pp_microbatches", "dp_shard", "dp_replicate", "nproc_per_node")
+    },
     **{
         f"trainer.{n}": (1, MAX_COUNT)
         for n in (
@@ -292,23 +304,27 @@ def _numbers(cfg: TrainConfig) -> None:
 
 
 def model_parallel(parallel: ParallelConfig) -> tuple[str, str]:
-    """How the ranks of one model replica are named in messages: `("parallel.tp", "2")`, or with context
-    parallelism `("parallel.tp x parallel.cp", "2 x 4")`."""
-    if parallel.cp == 1:
-        return "parallel.tp", str(parallel.tp)
-    return "parallel.tp x parallel.cp", f"{parallel.tp} x {parallel.cp}"
+    """How the ranks of one model replica are named in messages: `("parallel.tp", "2")`, or with pipeline or
+    context parallelism e.g. `("parallel.pp x parallel.tp x parallel.cp", "2 x 2 x 4")`."""
+    axes = [(n, getattr(parallel, n)) for n in ("pp", "tp", "cp") if n == "tp" or getattr(parallel, n) > 1]
+    return " x ".join(f"parallel.{n}" for n, _ in axes), " x ".join(str(size) for _, size in axes)
+
+
+def model_parallel_size(parallel: ParallelConfig) -> int:
+    """Ranks of one model replica: pp x tp x cp (world_size / dp)."""
+    return parallel.pp * parallel.tp * parallel.cp
 
 
 def data_parallel_layout(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """`(dp_replicate, dp_shard)` for `world_size` ranks at `parallel.tp` and `parallel.cp`.
+    """`(dp_replicate, dp_shard)` for `world_size` ranks at `parallel.pp`, `parallel.tp` and `parallel.cp`.
 
     Raises:
-        ConfigError: dp = world_size / (tp x cp) is not dp_replicate x dp_shard.
+        ConfigError: dp = world_size / (pp x tp x cp) is not dp_replicate x dp_shard.
     """
-    dp = world_size // (parallel.tp * parallel.cp)
+    dp = world_size // model_parallel_size(parallel)
     name, _ = model_parallel(parallel)
-    shard, ranks = parallel.dp_shard, f"world_size / {name if parallel.cp == 1 else f'({name})'}"
-    ranks += f" = {world_size} / {parallel.tp * parallel.cp}"
+    shard, ranks = parallel.dp_shard, f"world_size / {name if ' x ' not in name else f'({name})'}"
+    ranks += f" = {world_size} / {model_parallel_size(parallel)}"
     if shard < 1 or dp % shard != 0:
         raise ConfigError(f"parallel.dp_shard = {shard} must divide dp = {ranks} = {dp}")
     replicate = parallel.dp_replicate or dp // shard
@@ -319,10 +335,13 @@ def data_parallel_layout(parallel: ParallelConfig, world_size: int) -> tuple[int
     return replicate, shard
 
 
-def batch_layout(trainer: TrainerConfig, dp: int, replica: str = "parallel.tp") -> tuple[int, int]:
+def batch_layout(
+    trainer: TrainerConfig, dp: int, replica: str = "parallel.tp", microbatches: int | None = None
+) -> tuple[int, int]:
     """`(micro_batch, grad_accum)` per DP rank for the global `trainer.batch_size` at data-parallel size `dp`.
 
-    `replica` names what dp is world_size divided by (`model_parallel`), for the message.
+    `replica` names what dp is world_size divided by (`model_parallel`), for the message. With pipeline
+    parallelism, `microbatches` (`pipeline_microbatches`) go through the pipeline in one step: no accumulation.
 
     Raises:
         ConfigError: the batch does not split evenly into dp ranks of whole micro-batches.
@@ -333,6 +352,17 @@ def batch_layout(trainer: TrainerConfig, dp: int, replica: str = "parallel.tp") 
             f"dp = {dp} (world_size / {replica if ' x ' not in replica else f'({replica})'})"
         )
     per_rank = trainer.batch_size // dp
+    if microbatches is not None:  # pipeline parallelism: one schedule step carries them all
+        if per_rank % microbatches != 0:
+            raise ConfigError(
+                f"parallel.pp_microbatches = {microbatches} must divide trainer.batch_size / dp = {per_rank}"
+            )
+        if trainer.micro_batch is not None and trainer.micro_batch * microbatches != per_rank:
+            raise ConfigError(
+                f"trainer.micro_batch = {trainer.micro_batch} must be trainer.batch_size / dp / "
+                f"parallel.pp_microbatches = {per_rank} / {microbatches} under pipeline parallelism (or null)"
+            )
+        return per_rank // microbatches, 1
     micro = trainer.micro_batch or per_rank
     if per_rank % micro != 0:
         raise ConfigError(
@@ -340,6 +370,11 @@ def batch_layout(trainer: TrainerConfig, dp: int, replica: str = "parallel.tp") 
             f"trainer.micro_batch = {micro}"
         )
     return micro, per_rank // micro
+
+
+def pipeline_microbatches(parallel: ParallelConfig) -> int | None:
+    """Micro-batches per pipeline step: `parallel.pp_microbatches`, or pp; None without pipeline parallelism."""
+    return None if parallel.pp == 1 else parallel.pp_microbatches or parallel.pp
 
 
 TRACKERS = {
@@ -396,10 +431,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _numbers(cfg)
     _choices(cfg)
     replica, sizes = model_parallel(p)
-    if world_size % (p.tp * p.cp) != 0:
+    if world_size % model_parallel_size(p) != 0:
         raise ConfigError(f"world_size = {world_size} must be divisible by {replica} = {sizes}")
     data_parallel_layout(p, world_size)
-    batch_layout(t, world_size // (p.tp * p.cp), replica)
+    batch_layout(t, world_size // model_parallel_size(p), replica, pipeline_microbatches(p))
+    _as_config_error(check_choice, p.pp_schedule, "parallel.pp_schedule", tuple(SCHEDULES))
+    _as_config_error(stage_layers, m.num_layers, p.pp, p.pp_layers, names=("model.num_layers", "parallel.pp"))
     _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
     _as_config_error(check_choice, d.source, "data.source", ("stdlib", "text", "hf"))
     _as_config_error(check_choice, d.tokenizer, "data.tokenizer", ("byte", "bpe"))
@@ -418,6 +455,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(
             "trainer.mixed_precision = 'fp16' with parallel.dp_shard > 1 is not supported: the loss scaler's "
             "inf checks are per rank; use bf16"
+        )
+    if p.pp > 1 and t.mixed_precision == "fp16":
+        raise ConfigError(
+            "trainer.mixed_precision = 'fp16' with parallel.pp > 1 is not supported: the schedule runs backward "
+            "without the loss scaler; use bf16"
         )
     _as_config_error(check_context_parallel, t.seq_len, p.cp, name="trainer.seq_len")
     if p.sequence_parallel:

@@ -36,16 +36,24 @@ from accelerate.utils import ProjectConfiguration
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from tp_attention import pipeline
 from tp_attention.checkpointing import apply_activation_checkpointing, is_recomputed
 from tp_attention.distributed import init_parallel_groups
 from tp_attention.flops import flops_per_token
 from tp_attention.fsdp import data_parallel_mesh, gathered, local, shard_data_parallel
-from tp_attention.grad_norm import clip_grad_norm_, grad_norm, sync_replicated_grads
+from tp_attention.grad_norm import average_gradients, clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.hf import load_weights
-from tp_attention.model import GPT
+from tp_attention.model import GPT, write_model
 from tp_attention.shm import with_shared_memory_groups
 from train.checkpoints import checkpoint
-from train.config import ConfigError, TrainConfig, batch_layout, data_parallel_layout, model_parallel
+from train.config import (
+    ConfigError,
+    TrainConfig,
+    batch_layout,
+    data_parallel_layout,
+    model_parallel,
+    pipeline_microbatches,
+)
 from train.data.corpus import eval_batches, prepare_data, step_batch
 from train.reporting.flops import measure_peak_flops, mfu
 from train.reporting.memory import check_activation_memory, memory_report
@@ -152,11 +160,14 @@ class Trainer:
         p, t = self.conf.parallel, self.conf.trainer
         self.device_type = device_type_for(self.conf)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.groups = init_parallel_groups(p.tp, self.device_type, p.timeout_s, p.cp) if self.world > 1 else None
+        self.groups = init_parallel_groups(p.tp, self.device_type, p.timeout_s, p.cp, p.pp) if self.world > 1 else None
         if self.groups and self.device_type == "cpu" and p.shm_collectives:
             self.groups = with_shared_memory_groups(self.groups, p.timeout_s)
         self.mesh, self.tp_group = (self.groups.mesh, self.groups.tp_group) if self.groups else (None, None)
         self.cp_group = self.groups.cp_group if self.groups else None
+        self.pp_group = self.groups.pp_group if self.groups else None
+        self.embedding_group = self.groups.embedding_group if self.groups else None
+        self.stage = None  # this rank's pipeline stage (set with the model when parallel.pp > 1)
         # replicas: every rank holding this TP shard (losses and gradients average over them); dp: distinct batches
         self.replicas, self.replica_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
         self.dp_size, self.dp_rank = (self.groups.batch_ranks, self.groups.batch_rank) if self.groups else (1, 0)
@@ -164,8 +175,10 @@ class Trainer:
         self.dp_replicate, self.dp_shard = data_parallel_layout(p, self.world)
         self.fsdp_mesh = None
         if self.dp_shard > 1:  # FSDP2 shards over dp_shard x cp together (torchtitan's dp_shard_cp)
-            self.fsdp_mesh = data_parallel_mesh(self.device_type, self.dp_replicate, self.dp_shard * p.cp, p.tp)
-        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size, model_parallel(p)[0])
+            self.fsdp_mesh = data_parallel_mesh(self.device_type, self.dp_replicate, self.dp_shard * p.cp, p.tp, p.pp)
+        self.pp_microbatches = pipeline_microbatches(p)
+        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size, model_parallel(p)[0], self.pp_microbatches)
+        self.rank_batch = self.micro_batch * (self.pp_microbatches or 1)  # sequences per forward_backward call
         torch.use_deterministic_algorithms(t.deterministic)  # off again for the next job of a sweep
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
@@ -200,9 +213,10 @@ class Trainer:
             write_hydra_files(self.run_dir, self.cfg)
             write_run_record(self.run_dir, self.cfg, self.world)
         log.info(
-            "run dir %s | world %d = dp %d x cp %d x tp %d%s | device %s | batch %d = dp x %d micro x %d accumulated%s",
+            "run dir %s | world %d = %sdp %d x cp %d x tp %d%s | device %s | batch %d = dp x %d micro x %d %s%s",
             self.run_dir,
             self.world,
+            f"pp {p.pp} ({p.pp_schedule}) x " if p.pp > 1 else "",
             self.dp_size,
             p.cp,
             p.tp,
@@ -210,7 +224,8 @@ class Trainer:
             self.device_type,
             t.batch_size,
             self.micro_batch,
-            self.grad_accum,
+            self.pp_microbatches or self.grad_accum,
+            "in the pipeline" if self.pp_microbatches else "accumulated",
             " | deterministic algorithms" if t.deterministic else "",
         )
 
@@ -235,7 +250,7 @@ class Trainer:
             vocab,
         )
         self.val_batches = eval_batches(
-            self.data.val, t.eval_batches * t.batch_size, t.seed, self.micro_batch, t.seq_len
+            self.data.val, t.eval_batches * t.batch_size, t.seed, self.rank_batch, t.seq_len
         )
 
     def _setup_model(self) -> None:
@@ -247,13 +262,22 @@ class Trainer:
             self.model = GPT.from_config(
                 self.model_config, tp_group=self.tp_group, sequence_parallel=p.sequence_parallel, cp_group=self.cp_group
             )
+        self.num_parameters = self.model.num_parameters()  # the whole model's, before a stage keeps its part
+        self.all_parameters = self.model.num_parameters(exclude_position_embeddings=False)
+        order = None  # the whole model's modules, for a stage's initialisation
+        if p.pp > 1:
+            pp_rank = self.groups.pp_rank
+            layers = pipeline.stage_layers(self.model_config.num_layers, p.pp, p.pp_layers)[pp_rank]
+            self.stage = pipeline.Stage(pp_rank, p.pp, layers)
+            order = pipeline.split_model(self.model, self.stage)
+            log.info("pipeline stage %d of %d: layers %d to %d", pp_rank, p.pp, layers[0], layers[-1])
         recomputed = apply_activation_checkpointing(
             self.model, t.activation_checkpointing, t.activation_checkpointing_every
         )
         if recomputed:
             log.info(
                 "activation checkpointing: %d of %d blocks recompute in backward", recomputed, len(self.model._decoders)
-            )
+            )  # of this stage's, under pipeline parallelism
         if init_from:
             load_weights(self.model, Path(init_from).expanduser())  # this rank's TP slices
             self.model.to(self.device)
@@ -263,9 +287,9 @@ class Trainer:
             shard_data_parallel(self.model, self.fsdp_mesh, param_dtype=bf16)  # on meta without init_from
         if not init_from:  # each rank draws the full tensors chunk by chunk and keeps its pieces
             self.model.to_empty(device=self.device)
-            self.model.reset_parameters(torch.Generator().manual_seed(t.seed))
+            self.model.reset_parameters(torch.Generator().manual_seed(t.seed), order)
         self.wrapped = self.model  # FSDP2 (in place) or no data parallelism
-        if self.fsdp_mesh is None and self.dp_group is not None:
+        if self.fsdp_mesh is None and self.dp_group is not None and self.stage is None:  # stages: average_gradients
             self.wrapped = DistributedDataParallel(self.model, process_group=self.dp_group)
         self.memory = memory_report(self.model, self.micro_batch, t.seq_len, p.tp, p.cp)
         log.info(describe_memory(self.memory))
@@ -281,6 +305,11 @@ class Trainer:
         self.wrapped, self.optimizer = prepare(self.accelerator, self.wrapped, optimizer, p.tp)
         if self.conf.trainer.compile:
             self.wrapped = torch.compile(self.wrapped, backend=self.conf.trainer.compile_backend)
+        self.schedule = None  # pipeline parallelism: torch's schedule runs forward and backward
+        if self.stage is not None:
+            self.schedule = pipeline.build_schedule(
+                self.wrapped, self.model, self.stage, p.pp_schedule, self.pp_microbatches, self.pp_group, self.device
+            )
         self._start_trackers()
         self.metrics = Metrics(self.run_dir, self.accelerator, self.is_main)
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, self.mesh, self.conf.trainer.keep_checkpoints)
@@ -322,16 +351,14 @@ class Trainer:
         self.last_saved = self.step
         if self.is_main and (self.data.directory / "tokenizer.json").is_file():
             shutil.copy(self.data.directory / "tokenizer.json", self.run_dir / "tokenizer.json")
-        checkpoint_bytes = 12 * self.model.num_parameters(exclude_position_embeddings=False)  # weights + 2 moments
+        checkpoint_bytes = 12 * self.all_parameters  # weights + 2 moments
         on_main(check_output_space, self.run_dir, checkpoint_bytes, t.keep_checkpoints)
 
     def _setup_measures(self) -> None:
         """Tokens and model FLOPs per step, and the matmul peak (for MFU)."""
         t = self.conf.trainer
         self.tokens_per_step = t.batch_size * t.seq_len
-        self.step_flops = (
-            flops_per_token(self.model_config, self.model.num_parameters(), t.seq_len) * self.tokens_per_step
-        )
+        self.step_flops = flops_per_token(self.model_config, self.num_parameters, t.seq_len) * self.tokens_per_step
         self.peak_flops = broadcast_object(measure_peak_flops(self.device)) * self.world
         for warning in schedule_warnings(self.conf.optim, t.max_steps):
             log.warning(warning)
@@ -395,15 +422,32 @@ class Trainer:
             self.accelerator.backward(loss)
         return loss.detach().float()
 
+    def pipeline_step(self, x: torch.Tensor, y: torch.Tensor, train: bool = True) -> torch.Tensor:
+        """Forward (and backward, with `train`) of this rank's batch through the pipeline, in
+        `parallel.pp_microbatches`; returns the mean of their losses, computed on the last stage, on every stage."""
+        losses: list[torch.Tensor] = []
+        args = (x.to(self.device),) if self.stage.first else ()
+        target = y.to(self.device) if self.stage.last else None
+        with self.accelerator.autocast():
+            (self.schedule.step if train else self.schedule.eval)(*args, target=target, losses=losses)
+        loss = torch.stack(losses).detach().float().mean() if self.stage.last else torch.zeros((), device=self.device)
+        dist.all_reduce(loss, group=self.pp_group)  # the last stage's, on every stage
+        return loss
+
     def clip_gradients(self) -> torch.Tensor:
-        """Unscale (fp16), sum sequence-parallel partial gradients, clip by the TP-aware global norm."""
+        """Unscale (fp16), sum sequence-parallel partial gradients and a tied table's two stage copies, clip by
+        the global norm over TP, FSDP2 and the pipeline's stages."""
         o = self.conf.optim
         self.accelerator.unscale_gradients()
         if self.model.sequence_parallel:
             sync_replicated_grads(self.model, self.tp_group)  # LayerNorm etc. saw only this rank's tokens
+        if self.stage is not None and self.fsdp_mesh is None and self.dp_group is not None:
+            average_gradients(self.model, self.dp_group)  # DDP's job, which it cannot do for a stage
+        pipeline.sync_tied_embeddings(self.model, self.embedding_group)
+        skip = pipeline.counted_elsewhere(self.model) if self.stage is not None else set()
         if o.grad_clip > 0:
-            return clip_grad_norm_(self.model, o.grad_clip, self.tp_group)
-        return grad_norm(self.model, self.tp_group)
+            return clip_grad_norm_(self.model, o.grad_clip, self.tp_group, self.pp_group, skip)
+        return grad_norm(self.model, self.tp_group, self.pp_group, skip)
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step on the global batch of `step`, skipped on every rank if any rank saw a bad one."""
@@ -415,9 +459,9 @@ class Trainer:
         torch.manual_seed(step_seed(t.seed, step, self.replica_rank))  # CP ranks drop out different tokens
         loss_sum = torch.zeros((), device=self.device)
         for x, y in step_batch(
-            self.data.train, step, t.seed, self.micro_batch, self.grad_accum, t.seq_len, self.dp_rank, self.dp_size
+            self.data.train, step, t.seed, self.rank_batch, self.grad_accum, t.seq_len, self.dp_rank, self.dp_size
         ):
-            loss_sum += self.forward_backward(x, y)
+            loss_sum += self.forward_backward(x, y) if self.schedule is None else self.pipeline_step(x, y)
         norm = self.clip_gradients()
         if self.cp_group is not None:  # each CP rank's loss is its tokens' mean: the sequences' is their mean
             dist.all_reduce(loss_sum, group=self.cp_group)
@@ -444,7 +488,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         with torch.no_grad(), self.accelerator.autocast():
             for i, (x, y) in enumerate(self.val_batches):
-                if i % self.dp_size == self.dp_rank:
+                if i % self.dp_size == self.dp_rank and self.schedule is not None:
+                    total += self.pipeline_step(x, y, train=False)
+                elif i % self.dp_size == self.dp_rank:
                     total += self.model(x.to(self.device), y.to(self.device)).float()
         if self.dp_group is not None:
             dist.all_reduce(total, group=self.dp_group)
@@ -468,6 +514,8 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path | None:
         """Save checkpoint `step` unless the state is suspect (a bad streak, non-finite weights); returns it."""
+        if not pipeline.tied_copies_equal(self.model, self.embedding_group):
+            raise RuntimeError(f"step {step}: the first and last pipeline stage's tied embedding tables differ")
         finite = torch.stack([torch.isfinite(local(p)).all() for p in self.model.parameters()]).all()
         if not self.guard.healthy() or any_rank(~finite)[0]:
             log.warning(
@@ -482,6 +530,7 @@ class Trainer:
                 "tp": self.conf.parallel.tp,
                 "dp_shard": self.dp_shard,
                 "cp": self.conf.parallel.cp,
+                "pp": self.conf.parallel.pp,
             },
             "model": asdict(self.model_config),
             "config": OmegaConf.to_container(self.cfg, resolve=False),
@@ -571,14 +620,27 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Export the model, sample from it, plot the loss; returns the run's summary."""
         t, p = self.conf.trainer, self.conf.parallel
-        export_dir = self.model.save(self.run_dir / "export")
+        export_dir = self.run_dir / "export"
+        prompt = torch.tensor([self.data.tokenizer.encode(t.sample_prompt) or [0]], device=self.device)
+        sample_options = dict(do_sample=True, temperature=0.8, top_k=50)
+        if self.stage is None:
+            self.model.save(export_dir)
+            torch.manual_seed(t.seed)
+            with gathered(self.model):  # FSDP2 gathers parameters in forward only; generate calls other methods
+                sample_ids = self.model.generate(prompt, t.sample_tokens, **sample_options)
+            sample = self.data.tokenizer.decode(sample_ids[0].tolist())
+        else:  # the stages' pieces joined on rank 0, which writes the whole model and samples from it alone
+            state, sample = pipeline.gather_stages(self.model, self.pp_group), None
+            if self.is_main:
+                write_model(state, self.model_config, export_dir)
+                whole = GPT.from_config(self.model_config).to(self.device)
+                whole.load_state_dict(state)
+                torch.manual_seed(t.seed)
+                sample_ids = whole.generate(prompt, t.sample_tokens, **sample_options)
+                sample = self.data.tokenizer.decode(sample_ids[0].tolist())
+            sample = broadcast_object(sample)
         if self.is_main and (self.run_dir / "tokenizer.json").is_file():
             shutil.copy(self.run_dir / "tokenizer.json", export_dir / "tokenizer.json")
-        prompt = torch.tensor([self.data.tokenizer.encode(t.sample_prompt) or [0]], device=self.device)
-        torch.manual_seed(t.seed)
-        with gathered(self.model):  # FSDP2 gathers parameters in forward only; generate calls other methods
-            sample_ids = self.model.generate(prompt, t.sample_tokens, do_sample=True, temperature=0.8, top_k=50)
-        sample = self.data.tokenizer.decode(sample_ids[0].tolist())
         history = self.metrics.read() if self.is_main else []
         if self.is_main:
             (self.run_dir / "sample.txt").write_text(sample)

@@ -35,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from tp_attention.model import GPT
 from tp_attention.state_dict import current_name, dcp_state_dict, full_shapes
 from train.checkpoints.dcp_metadata import SafeReader, UnsafeCheckpoint, load_metadata
 from train.config import ConfigError, TrainingError
@@ -166,6 +167,14 @@ def _write_marker(file: Path, content: dict[str, Any]) -> None:
     os.replace(tmp, file)
 
 
+def _whole(model: nn.Module) -> nn.Module:
+    """`model`, or for one pipeline stage of a GPT the whole model (on the meta device) it is a part of."""
+    if getattr(model, "stage", None) is None:
+        return model
+    with torch.device("meta"):
+        return GPT.from_config(model.config)
+
+
 def check_compatible(path: Path, model: nn.Module) -> dict[str, str]:
     """Refuse a checkpoint of another model shape, listing every parameter that differs. Returns the
     checkpoint's name of each of its tensors by today's name (older checkpoints use the names that
@@ -186,7 +195,7 @@ def check_compatible(path: Path, model: nn.Module) -> dict[str, str]:
         for k, v in metadata.state_dict_metadata.items()
         if k.startswith("model.")
     }
-    expected = {k: tuple(v) for k, v in full_shapes(model).items()}
+    expected = {k: tuple(v) for k, v in full_shapes(_whole(model)).items()}
     problems = [
         f"{k}: checkpoint {saved[k]} != model {shape}"
         for k, shape in expected.items()

@@ -84,7 +84,7 @@ def memory_report(model: GPT, micro_batch: int, seq_len: int, tp: int, cp: int =
     (`seq_len / cp` tokens of each sequence per rank under context parallelism)."""
     params = sum(local(p).numel() * p.element_size() for p in model.parameters())  # FSDP2: this rank's rows
     fp32 = sum(local(p).numel() * 4 for p in model.parameters())
-    recomputed = sum(getattr(block, "checkpointed", False) for block in model._decoders)
+    recomputed = sum(getattr(block, "checkpointed", False) for block in model._decoders.values())
     activations = activation_bytes(model.config, micro_batch, seq_len, tp, recomputed=recomputed, cp=cp)
     report = {"parameters": params, "gradients": params, "optimizer": ADAMW_MOMENTS * fp32, "activations": activations}
     return report | {"total": sum(report.values())}

@@ -1,0 +1,117 @@
+"""Pipeline parallelism (tp_attention.pipeline): the split, the stage's weights, and one schedule step on real
+gloo processes against one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tp_attention.grad_norm import grad_norm
+from tp_attention.model import GPT
+from tp_attention.pipeline import (
+    Stage,
+    build_schedule,
+    counted_elsewhere,
+    split_model,
+    stage_layers,
+    sync_tied_embeddings,
+    tied_copies_equal,
+)
+from tp_attention.testing import assert_close, run_processes
+
+CFG = dict(vocab_size=61, max_seq_len=16, emb_size=32, num_heads=4, head_size=8, num_layers=4, dropout=0.0)
+
+
+def test_layers_split_evenly_or_as_given():
+    assert stage_layers(4, 2) == [range(0, 2), range(2, 4)]
+    assert stage_layers(5, 2, [3, 2]) == [range(0, 3), range(3, 5)]
+    with pytest.raises(ValueError, match=r"num_layers = 5 must be divisible by pp = 2 \(or give each stage"):
+        stage_layers(5, 2)
+    for layers in ([4], [4, 0], [1, 1], [2.5, 1.5], [1, 1, 2]):
+        with pytest.raises(ValueError, match=r"must give each of pp = 2 stages at least one layer, num_layers = 4"):
+            stage_layers(4, 2, layers)
+
+
+def built(pp: int, index: int, seed: int = 0, **options) -> GPT:
+    """Stage `index` of `pp` (the whole model at pp=1), built on meta and initialised as the trainer does."""
+    with torch.device("meta"):
+        model = GPT(**CFG, **options)
+    order = None
+    if pp > 1:
+        order = split_model(model, Stage(index, pp, stage_layers(CFG["num_layers"], pp)[index]))
+    model.to_empty(device="cpu")
+    model.reset_parameters(torch.Generator().manual_seed(seed), order)
+    return model
+
+
+@pytest.mark.parametrize("options", [{}, {"tie_embeddings": False, "position": "rope", "norm": "rmsnorm"}])
+def test_each_stage_draws_the_weights_one_process_draws(options):
+    whole = built(1, 0, **options).state_dict()
+    held = set()
+    for pp in (2, 4):
+        for index in range(pp):
+            stage = built(pp, index, **options).state_dict()
+            assert stage.keys() <= whole.keys()
+            assert all(torch.equal(tensor, whole[name]) for name, tensor in stage.items()), (pp, index)
+            held |= stage.keys()
+        assert held == whole.keys()
+    tied = "tie_embeddings" not in options
+    last = built(2, 1, **options).state_dict()
+    assert ("_token_embeddings.weight" in last) == tied  # the LM head's table, on the last stage too
+    assert ("_lm_head.weight" in last) != tied
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CFG["vocab_size"], (4, CFG["max_seq_len"] + 1), generator=gen)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def one_step_on_every_stage(rank: int, world: int, schedule: str, sync: bool):
+    """One schedule step (4 micro-batches) at pp = world, then an SGD update: gradients, the global norm, and
+    whether the two tied copies are still equal."""
+    model = built(world, rank)
+    stage = model.stage
+    pipe = build_schedule(model, model, stage, schedule, 4, dist.group.WORLD, torch.device("cpu"))
+    x, y = batch()
+    losses = []
+    pipe.step(*((x,) if stage.first else ()), target=y if stage.last else None, losses=losses)
+    if sync:
+        sync_tied_embeddings(model, dist.group.WORLD)
+    norm = grad_norm(model, None, dist.group.WORLD, counted_elsewhere(model))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+    return grads, norm, tied_copies_equal(model, dist.group.WORLD), [float(v.detach()) for v in losses]
+
+
+def one_process_reference():
+    model = built(1, 0)
+    x, y = batch()
+    losses = [model(xs, ys) for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True)]
+    (sum(losses) / 4).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return (
+        grads,
+        torch.stack([g.pow(2).sum() for g in grads.values()]).sum().sqrt(),
+        [float(v.detach()) for v in losses],
+    )
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_a_schedule_step_gives_one_process_gradients_and_norm_and_keeps_tied_copies_equal(schedule):
+    """pp=2 on gloo: every stage's gradients are one process's mean over the 4 micro-batches, the norm over
+    the stages counts the tied table once, and its two copies stay bitwise equal because their gradients are
+    summed (without that sum they part at the first update)."""
+    grads, norm, losses = one_process_reference()
+    results = run_processes(2, one_step_on_every_stage, schedule, True)
+    for rank, (stage_grads, stage_norm, equal, _) in enumerate(results):
+        for name, grad in stage_grads.items():
+            assert_close(grad, grads[name], rtol=1e-5, atol=1e-7, what=f"stage {rank} gradient of {name}")
+        assert_close(stage_norm, norm, rtol=1e-5, atol=0, what=f"stage {rank} global norm")
+        assert equal, f"stage {rank}: tied copies differ after an update"
+    assert_close(torch.tensor(results[1][3]), torch.tensor(losses), rtol=1e-6, atol=0, what="micro-batch losses")
+    unsynced = run_processes(2, one_step_on_every_stage, schedule, False)
+    assert not unsynced[0][2] and not unsynced[1][2]  # the check sees copies that part

@@ -1,0 +1,183 @@
+"""Pipeline parallelism: a GPT split by layers into stages, run by `torch.distributed.pipelining`'s schedules.
+
+    with torch.device("meta"):
+        model = GPT.from_config(cfg, tp_group=tp_group)
+    stage = Stage(pp_rank, pp, stage_layers(cfg.num_layers, pp)[pp_rank])
+    order = split_model(model, stage)                 # this stage's modules only, under their full names
+    model.to_empty(device="cpu")
+    model.reset_parameters(generator, order)          # the same weights as one process draws
+    schedule = build_schedule(model, model, stage, "1f1b", microbatches, pp_group, device)
+    schedule.step(idx if stage.first else ..., target=targets if stage.last else ..., losses=losses)
+
+torchtitan's split: the first stage holds the token (and position) embedding, the last the final norm and the
+LM head; every stage its consecutive blocks. The last stage returns its vocabulary shard of the logits and the
+schedule's `loss_fn` is the vocab-parallel cross-entropy, so the full logits are never built. A tied LM head is
+the token embedding: the first and the last stage then each hold the table, and `sync_tied_embeddings` sums
+their gradients over the group of those two stages before the optimizer step (Megatron-core's embedding
+group), so both copies stay equal. Parameter names are the whole model's (`_decoders.5...` on the stage that
+holds block 5), so a checkpoint's keys do not depend on the layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from tp_attention.context import cp_size, shard_sequence
+from tp_attention.fsdp import local
+from tp_attention.model import GPT
+from tp_attention.shapes import check_int
+from tp_attention.state_dict import full_state_dict
+from tp_attention.vocab import vocab_parallel_cross_entropy
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}  # one stage per rank
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Pipeline stage `index` of `num_stages`: the blocks `layers` (global layer numbers)."""
+
+    index: int
+    num_stages: int
+    layers: range
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+def stage_layers(
+    num_layers: int, pp: int, layers: Sequence[int] | None = None, names: tuple[str, str] = ("num_layers", "pp")
+) -> list[range]:
+    """The blocks of each of `pp` stages: `layers[s]` consecutive blocks for stage s, or `num_layers / pp` each.
+
+    Raises:
+        ValueError: pp exceeds the layers, they do not divide evenly without `layers`, or `layers` does not
+            give every one of pp stages at least one block, summing to num_layers.
+    """
+    layers_name, pp_name = names
+    check_int(pp, pp_name)
+    if layers is None:
+        if num_layers % pp != 0:
+            raise ValueError(
+                f"{layers_name} = {num_layers} must be divisible by {pp_name} = {pp} (or give each stage's "
+                "layers: parallel.pp_layers)"
+            )
+        layers = [num_layers // pp] * pp
+    layers = list(layers)
+    if len(layers) != pp or any(not isinstance(n, int) or n < 1 for n in layers) or sum(layers) != num_layers:
+        raise ValueError(
+            f"parallel.pp_layers = {layers} must give each of {pp_name} = {pp} stages at least one layer, "
+            f"{layers_name} = {num_layers} in all"
+        )
+    starts = [sum(layers[:s]) for s in range(pp)]
+    return [range(start, start + n) for start, n in zip(starts, layers, strict=True)]
+
+
+def split_model(model: GPT, stage: Stage) -> list[nn.Module]:
+    """Keep only `stage`'s part of `model` (in place; best on the meta device, before anything is allocated):
+    its blocks, the embeddings on the first stage, the final norm and LM head on the last, the token
+    embedding also on the last when it is the tied LM head. Returns every module of the whole model in the
+    constructor's order, for `GPT.reset_parameters(generator, order)`: one seed, the same weights at any pp."""
+    order = list(model.modules())
+    for i in range(model.config.num_layers):
+        if i not in stage.layers:
+            del model._decoders[str(i)]
+    if not stage.first:
+        model._position_embeddings = None
+        if not (stage.last and model.config.tie_embeddings):
+            model._token_embeddings = None
+    if not stage.last:
+        model._norm, model._lm_head = None, None
+    model.stage = stage
+    return order
+
+
+def stage_loss(model: GPT, ignore_index: int = -100) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The last stage's loss: `loss_fn(local_logits [B, T / cp, V_local], targets [B, T])` the vocab-parallel
+    cross-entropy (each CP rank's targets are its tokens'), the mean over the micro-batch's tokens."""
+
+    def loss_fn(local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if cp_size(model.cp_group) > 1:
+            targets = shard_sequence(targets, model.cp_group)
+        head = model.output_embeddings
+        return vocab_parallel_cross_entropy(local_logits, targets, head.vocab_start, ignore_index, model.tp_group)
+
+    return loss_fn
+
+
+def build_schedule(
+    module: nn.Module,
+    model: GPT,
+    stage: Stage,
+    schedule: str,
+    microbatches: int,
+    group: dist.ProcessGroup,
+    device: torch.device,
+):
+    """torch's schedule `schedule` (`SCHEDULES`) over `microbatches` for this rank's stage: `module` is what
+    runs (the stage's GPT, or its DDP wrapper), `model` the GPT itself. Gradients are the mean over the
+    micro-batches (`scale_grads`), as one process accumulating them computes.
+
+    Raises:
+        ValueError: an unknown schedule.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline schedule = {schedule!r} must be one of {', '.join(SCHEDULES)}")
+    pipeline_stage = PipelineStage(module, stage.index, stage.num_stages, device, group=group)
+    return SCHEDULES[schedule](pipeline_stage, microbatches, loss_fn=stage_loss(model), scale_grads=True)
+
+
+def gather_stages(model: GPT, pp_group: dist.ProcessGroup) -> dict[str, torch.Tensor] | None:
+    """The whole model's full state on global rank 0 (None elsewhere): each stage's TP-gathered tensors
+    (`full_state_dict`, a collective over TP) sent to it over the pipeline group of rank 0's position."""
+    state = full_state_dict(model)
+    if dist.get_global_rank(pp_group, 0) != 0:  # not at rank 0's position: its stage-mates send
+        return None
+    pieces: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(pp_group)
+    dist.gather_object(state, pieces if dist.get_rank() == 0 else None, dst=0, group=pp_group)
+    return {name: tensor for piece in pieces or [] for name, tensor in (piece or {}).items()}
+
+
+def holds_tied_copy(model: GPT) -> bool:
+    """This rank holds one of two copies of a tied embedding table: the first or last of two or more stages."""
+    stage = model.stage
+    tied = model.config.tie_embeddings
+    return stage is not None and stage.num_stages > 1 and tied and (stage.first or stage.last)
+
+
+def sync_tied_embeddings(model: GPT, group: dist.ProcessGroup | None) -> None:
+    """Sum the tied table's gradient over `group`, the first and last stage of this (dp, tp, cp) position:
+    each stage's gradient is one use of it (lookup, LM head), one process's is their sum. Call after
+    backward, before clipping; a no-op on the middle stages and without a tied table."""
+    if group is None or not holds_tied_copy(model):
+        return
+    grad = model._token_embeddings.weight.grad
+    if grad is not None:
+        dist.all_reduce(local(grad), group=group)
+
+
+def tied_copies_equal(model: GPT, group: dist.ProcessGroup | None) -> bool:
+    """Whether the first and the last stage hold bitwise the same tied table (a collective over `group`,
+    the pair of them; True where this rank holds no copy)."""
+    if group is None or not holds_tied_copy(model):
+        return True
+    table = local(model._token_embeddings.weight).detach()
+    high, low = table.clone(), table.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    return bool(torch.equal(high, low))
+
+
+def counted_elsewhere(model: GPT) -> set[str]:
+    """Parameters whose gradient another stage counts in the global norm: the last stage's tied table copy."""
+    return {"_token_embeddings.weight"} if holds_tied_copy(model) and not model.stage.first else set()
