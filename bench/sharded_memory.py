@@ -35,8 +35,8 @@ def measure(model_name: str, tp: int, dp_shard: int) -> dict:
     peak growth while saving a checkpoint of the parameters and AdamW moments."""
     import torch.distributed.checkpoint as dcp
 
-    from tp_attention.distributed import init_parallel_groups
-    from tp_attention.fsdp import data_parallel_mesh, local, shard_data_parallel
+    from tp_attention.distributed import data_parallel_mesh, init_parallel_groups
+    from tp_attention.fsdp import local, shard_data_parallel
     from tp_attention.init import CHUNK_NUMEL
     from tp_attention.model import GPT
     from train.checkpoints.checkpoint import _state, init_optimizer_state

@@ -14,8 +14,8 @@ from torch.distributed.tensor import DTensor
 
 from tests.helpers import CASES, gpt_batch, materialised
 from tp_attention import full_grads, full_state_dict, load_full_state_dict
-from tp_attention.distributed import init_parallel_groups
-from tp_attention.fsdp import data_parallel_mesh, shard_data_parallel
+from tp_attention.distributed import data_parallel_mesh, init_parallel_groups
+from tp_attention.fsdp import shard_data_parallel
 from tp_attention.model import GPT
 from tp_attention.state_dict import dcp_state_dict
 from tp_attention.testing import assert_close, run_processes

@@ -13,8 +13,7 @@ import torch.distributed as dist
 import tp_attention.init
 from tests.helpers import CASES, materialised
 from tp_attention import ShardSpec, full_state_dict
-from tp_attention.distributed import init_parallel_groups
-from tp_attention.fsdp import data_parallel_mesh
+from tp_attention.distributed import data_parallel_mesh, init_parallel_groups
 from tp_attention.init import Init, fill_, rows_per_chunk
 from tp_attention.model import GPT
 from tp_attention.testing import run_processes, run_threaded

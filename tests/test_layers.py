@@ -22,6 +22,7 @@ from tp_attention import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
+from tp_attention.distributed import ParallelDims
 from tp_attention.testing import assert_close, run_threaded
 
 
@@ -206,10 +207,64 @@ def test_mesh_helper_builds_dp_and_tp_groups():
 
 def test_mesh_helper_rejects_a_tp_that_does_not_divide_the_world():
     def run(rank, world):
-        with pytest.raises(ValueError, match=r"world_size = 4 must be a positive multiple of tp = 3"):
+        with pytest.raises(ValueError, match=r"world_size = 4 must be divisible by tp = 3"):
             init_parallel_groups(tp=3, device_type="cpu")
 
     run_threaded(4, run)
+
+
+@pytest.mark.parametrize(
+    "sizes,message",
+    [
+        (dict(tp=2, cp=2, pp=2), r"world_size = 12 must be divisible by pp x tp x cp = 2 x 2 x 2"),
+        (dict(pp=0), r"pp = 0 must be a positive integer"),
+        (dict(tp=2, dp_shard=4), r"dp_shard = 4 must divide dp = world_size / tp = 12 / 2 = 6"),
+        (
+            dict(pp=2, dp_shard=2, dp_replicate=2),
+            r"dp_replicate x dp_shard = 2 x 2 must equal dp = world_size / \(pp x tp\) = 12 / 2 = 6",
+        ),
+    ],
+)
+def test_parallel_dims_refuse_sizes_that_do_not_fit_the_world_naming_them(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelDims(12, **sizes)
+
+
+def test_one_parallel_dims_builds_every_group_of_a_pp_dp_cp_tp_layout():
+    """16 ranks = pp 2 x dp 2 x cp 2 x tp 2: stages outermost, TP innermost; a stage's (dp, tp) mesh, the CP
+    pairs inside its dp, the pipeline pairs across stages (also the tied table's)."""
+
+    def run(rank, world):
+        groups = init_parallel_groups(tp=2, device_type="cpu", cp=2, pp=2)
+        ranks = dist.get_process_group_ranks
+        return (
+            ranks(groups.tp_group),
+            ranks(groups.dp_group),
+            ranks(groups.cp_group),
+            ranks(groups.pp_group),
+            ranks(groups.embedding_group),
+            (groups.pp_rank, groups.dp_size, groups.batch_ranks, groups.dims.dp_replicate),
+        )
+
+    for rank, (tp, dp, cp, pp, embedding, sizes) in enumerate(run_threaded(16, run)):
+        stage, position = divmod(rank, 8)
+        assert tp == [rank - rank % 2, rank - rank % 2 + 1]
+        assert dp == [stage * 8 + position % 2 + 2 * d for d in range(4)]
+        assert cp == [rank - rank % 4 + position % 2, rank - rank % 4 + position % 2 + 2]
+        assert pp == embedding == [position, 8 + position]
+        assert sizes == (stage, 4, 2, 2)
+
+
+def test_the_tied_table_pairs_join_the_first_and_last_of_four_stages():
+    def run(rank, world):
+        groups = init_parallel_groups(tp=1, device_type="cpu", pp=4)
+        ranks = dist.get_process_group_ranks
+        return ranks(groups.pp_group), ranks(groups.embedding_group) if groups.embedding_group else None
+
+    results = run_threaded(8, run)
+    for rank, (pp, embedding) in enumerate(results):
+        assert pp == [rank % 2 + 2 * s for s in range(4)]
+        assert embedding == ([rank % 2, rank % 2 + 6] if rank // 2 in (0, 3) else None)
 
 
 def test_threaded_process_group_sums_across_threads():

@@ -115,3 +115,22 @@ def test_a_schedule_step_gives_one_process_gradients_and_norm_and_keeps_tied_cop
     assert_close(torch.tensor(results[1][3]), torch.tensor(losses), rtol=1e-6, atol=0, what="micro-batch losses")
     unsynced = run_processes(2, one_step_on_every_stage, schedule, False)
     assert not unsynced[0][2] and not unsynced[1][2]  # the check sees copies that part
+
+
+def test_the_memory_report_of_a_stage_counts_its_layers_and_its_micro_batches_in_flight():
+    """Per stage: its parameters (the two stages' add up to the whole model plus the tied table's second copy);
+    activations of its own blocks for each micro-batch the schedule keeps (GPipe: all 4; 1F1B: pp - stage),
+    the logits on the last stage only."""
+    from tp_attention.config import GPTConfig
+    from train.reporting.memory import activation_bytes, layout_report, stage_reports
+
+    cfg = GPTConfig.from_mapping(CFG)
+    layout = dict(tp=1, micro_batch=2, seq_len=16)
+    whole = layout_report(cfg, **layout)
+    gpipe = stage_reports(cfg, 2, None, "gpipe", 4, **layout)
+    one_f_one_b = stage_reports(cfg, 2, None, "1f1b", 4, **layout)
+    table = CFG["vocab_size"] * CFG["emb_size"] * 4
+    assert sum(r["parameters"] for r in gpipe) == whole["parameters"] + table
+    blocks = activation_bytes(cfg, 2, 16, 1, layers=2, logits=False)
+    assert [r["activations"] for r in gpipe] == [4 * blocks, 4 * activation_bytes(cfg, 2, 16, 1, layers=2)]
+    assert [r["activations"] for r in one_f_one_b] == [2 * blocks, activation_bytes(cfg, 2, 16, 1, layers=2)]

@@ -1,5 +1,6 @@
-"""The `(dp, tp)` device mesh over all ranks and its process groups, and the context-parallel groups inside
-dp (initialising torch.distributed under torchrun). What a group is, and how its collectives travel, is
+"""Every axis of a layout in one object (`ParallelDims`: pp, dp_replicate, dp_shard, cp, tp, checked against the
+world size) and what it builds once: the device meshes and process groups of `ParallelGroups` (initialising
+torch.distributed under torchrun). What a group is, and how its collectives travel, is
 `tp_attention.groups`; a TP group whose collectives go through shared memory is made from this one by
 `tp_attention.shm.with_shared_memory`.
 """
@@ -16,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from tp_attention.context import cp_rank, cp_size
 from tp_attention.groups import ProcessGroup, TPGroup
+from tp_attention.shapes import check_int
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class ParallelGroups:
     cp_group: ProcessGroup | None = None
     pp_group: ProcessGroup | None = None
     embedding_group: ProcessGroup | None = None  # the first and last stage at this (dp, tp) position
+    fsdp_mesh: DeviceMesh | None = None  # FSDP2's (dp_replicate, dp_shard x cp), when dp_shard > 1
+    dims: ParallelDims | None = None  # the sizes these were built from
 
     @property
     def pp_size(self) -> int:
@@ -107,57 +111,144 @@ def _elastic_store(timeout: timedelta | None) -> dist.Store | None:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init_parallel_groups(
-    tp: int, device_type: str | None = None, timeout_s: float | None = None, cp: int = 1, pp: int = 1
-) -> ParallelGroups:
-    """Build the `(dp, tp)` mesh over all ranks (initialising the default process group if needed), and with
-    `cp > 1` the context-parallel groups: ranks `(b * cp + c) * tp + t` for `c < cp` form one. With `pp > 1`
-    the world is `(pp, dp, tp)`, stages outermost (torchtitan's order: a stage's ranks are neighbours): `mesh`
-    is this stage's `(dp, tp)`, `pp_group` the ranks at this position on every stage.
-
-    The backend is gloo for `device_type="cpu"` and nccl for `"cuda"`. Reads the usual
-    torchrun environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...) when it has to initialise.
+@dataclass(frozen=True)
+class ParallelDims:
+    """The size of every axis, checked once against the world size (torchtitan's `ParallelDims`): the world is
+    `pp x dp_replicate x dp_shard x cp x tp` ranks, stages outermost and TP innermost, `dp = dp_replicate x
+    dp_shard` distinct batches, each sequence split over cp ranks. `dp_replicate=None`: what the others leave.
+    `build` makes every device mesh and process group of the layout, once (`ParallelGroups`).
 
     Raises:
-        ValueError: `pp`, `tp` or `cp` is not positive, or `pp x tp x cp` does not divide the world size.
+        ValueError: a size that is not a positive integer, model-parallel sizes that do not divide the world,
+            or a dp that is not dp_replicate x dp_shard; naming the sizes and the world size (each name after
+            `prefix`, e.g. "parallel.").
+    """
+
+    world_size: int
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    dp_shard: int = 1
+    dp_replicate: int | None = None
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        for axis in ("tp", "cp", "pp", "dp_shard", "dp_replicate"):
+            if getattr(self, axis) is not None:
+                check_int(getattr(self, axis), self.prefix + axis)
+        names, sizes = self.model_parallel_names()
+        if self.world_size % self.model_parallel_size != 0:
+            raise ValueError(f"world_size = {self.world_size} must be divisible by {names} = {sizes}")
+        dp = self.world_size // self.model_parallel_size
+        ranks = f"world_size / {names if ' x ' not in names else f'({names})'} = {self.world_size} / "
+        ranks += f"{self.model_parallel_size} = {dp}"
+        if dp % self.dp_shard != 0:
+            raise ValueError(f"{self.prefix}dp_shard = {self.dp_shard} must divide dp = {ranks}")
+        replicate = self.dp_replicate or dp // self.dp_shard
+        if replicate * self.dp_shard != dp:
+            raise ValueError(
+                f"{self.prefix}dp_replicate x {self.prefix}dp_shard = {replicate} x {self.dp_shard} must equal dp = "
+                f"{ranks}"
+            )
+        object.__setattr__(self, "dp_replicate", replicate)
+
+    def model_parallel_names(self) -> tuple[str, str]:
+        """How one model replica's ranks are named in messages: `("tp", "2")`, or e.g. `("pp x tp x cp",
+        "2 x 2 x 4")` (each name after `prefix`)."""
+        axes = [(a, getattr(self, a)) for a in ("pp", "tp", "cp") if a == "tp" or getattr(self, a) > 1]
+        return " x ".join(self.prefix + a for a, _ in axes), " x ".join(str(size) for _, size in axes)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks of one model replica: pp x tp x cp."""
+        return self.pp * self.tp * self.cp
+
+    @property
+    def dp(self) -> int:
+        """Ranks that see different batches: dp_replicate x dp_shard."""
+        return self.world_size // self.model_parallel_size
+
+    def build(self, device_type: str) -> ParallelGroups:
+        """Every mesh and group of this layout: a collective (every rank calls it, the process group up).
+
+        The stage's `(dp, tp)` mesh (dp = batches x cp) with its DP and TP groups; the CP groups
+        (`(pp, batch, cp, tp)`); the pipeline groups (`(pp, dp, tp)`) and the pairs of first and last stage
+        that share a tied table; FSDP2's `(dp_replicate, dp_shard x cp)` mesh when dp_shard > 1."""
+        stage, tp, cp, pp = self.world_size // self.pp, self.tp, self.cp, self.pp
+        if pp == 1:
+            mesh = init_device_mesh(device_type, (stage // tp, tp), mesh_dim_names=("dp", "tp"))
+            pp_group = embedding_group = None
+        else:
+            layout = init_device_mesh(device_type, (pp, stage // tp, tp), mesh_dim_names=("pp", "dp", "tp"))
+            mesh, pp_group = layout["dp", "tp"], layout.get_group("pp")
+            embedding_group = pp_group if pp == 2 else _first_and_last_stages(pp, stage)
+        cp_group = None
+        if cp > 1:
+            shape, names = (pp, stage // (tp * cp), cp, tp), ("pp", "batch", "cp", "tp")
+            cp_group = init_device_mesh(device_type, shape, mesh_dim_names=names).get_group("cp")
+        fsdp_mesh = None
+        if self.dp_shard > 1:  # FSDP2 shards over dp_shard x cp together (torchtitan's dp_shard_cp)
+            fsdp_mesh = data_parallel_mesh(device_type, self.dp_replicate, self.dp_shard * cp, tp, pp)
+        groups = (mesh.get_group("dp"), mesh.get_group("tp"), cp_group, pp_group, embedding_group)
+        return ParallelGroups(mesh, *groups, fsdp_mesh=fsdp_mesh, dims=self)
+
+
+def init_process_group(device_type: str, timeout_s: float | None = None) -> None:
+    """The default process group, under torchrun's environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...), if
+    it is not up yet: gloo for `device_type="cpu"`, nccl for `"cuda"`."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    store = _elastic_store(timeout)
+    where = {}
+    if store is not None:
+        where = dict(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend, timeout=timeout, **where)
+
+
+def init_parallel_groups(
+    tp: int,
+    device_type: str | None = None,
+    timeout_s: float | None = None,
+    cp: int = 1,
+    pp: int = 1,
+    dp_shard: int = 1,
+    dp_replicate: int | None = None,
+) -> ParallelGroups:
+    """`ParallelDims(world_size, tp, cp, pp, dp_shard, dp_replicate).build(...)` over all ranks, initialising
+    the default process group if needed: ranks `(b * cp + c) * tp + t` for `c < cp` form one CP group, and with
+    `pp > 1` the world is `(pp, dp, tp)`, stages outermost (a stage's ranks are neighbours).
+
+    Raises:
+        ValueError: sizes that do not fit the world size (`ParallelDims`).
     """
     device_type = device_type or default_device_type()
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        timeout = timedelta(seconds=timeout_s) if timeout_s else None
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        store = _elastic_store(timeout)
-        where = {}
-        if store is not None:
-            where = dict(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-        dist.init_process_group(backend, timeout=timeout, **where)
-    world = dist.get_world_size()
-    if tp < 1 or cp < 1 or pp < 1 or world % (pp * tp * cp) != 0:
-        axes = [(name, size) for name, size in (("pp", pp), ("tp", tp), ("cp", cp)) if name == "tp" or size != 1]
-        sizes = f"{' x '.join(n for n, _ in axes)} = {' x '.join(str(s) for _, s in axes)}"
-        raise ValueError(f"world_size = {world} must be a positive multiple of {sizes}")
-    stage = world // pp  # ranks per pipeline stage
-    if pp == 1:
-        mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-        pp_group = embedding_group = None
-    else:
-        layout = init_device_mesh(device_type, (pp, stage // tp, tp), mesh_dim_names=("pp", "dp", "tp"))
-        mesh, pp_group = layout["dp", "tp"], layout.get_group("pp")
-        embedding_group = pp_group if pp == 2 else _first_and_last_stages(pp, stage)
-    cp_group = None
-    if cp > 1:
-        shape, names = (pp, stage // (tp * cp), cp, tp), ("pp", "batch", "cp", "tp")
-        cp_group = init_device_mesh(device_type, shape, mesh_dim_names=names).get_group("cp")
-    return ParallelGroups(mesh, mesh.get_group("dp"), mesh.get_group("tp"), cp_group, pp_group, embedding_group)
+    init_process_group(device_type, timeout_s)
+    dims = ParallelDims(dist.get_world_size(), tp, cp, pp, dp_shard, dp_replicate)
+    return dims.build(device_type)
 
 
-def _first_and_last_stages(pp: int, stage: int) -> ProcessGroup:
+def _first_and_last_stages(pp: int, stage: int) -> ProcessGroup | None:
     """This rank's group of two: the same position on the first and on the last of `pp` stages of `stage`
-    ranks each (every rank builds every group, in the same order, as `new_group` asks)."""
+    ranks each (every rank builds every group, in the same order, as `new_group` asks); None on the others."""
     mine = None
     for position in range(stage):
-        group = dist.new_group([position, (pp - 1) * stage + position])
-        if dist.get_rank() % stage == position:
+        pair = [position, (pp - 1) * stage + position]
+        group = dist.new_group(pair)
+        if dist.get_rank() in pair:
             mine = group
     return mine
+
+
+def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int, tp: int, pp: int = 1) -> DeviceMesh:
+    """The DP part of the `(pp, dp_replicate, dp_shard, tp)` mesh: 1-D `dp_shard`, or 2-D
+    `(dp_replicate, dp_shard)` for HSDP, within this rank's pipeline stage. Rank
+    `((p * dp_replicate + r) * dp_shard + s) * tp + t` sits at `(p, r, s, t)`, the layout of
+    `init_parallel_groups`' mesh with `dp = r * dp_shard + s`. A collective."""
+    mesh = init_device_mesh(
+        device_type, (pp, dp_replicate, dp_shard, tp), mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp")
+    )
+    return mesh["dp_shard"] if dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]

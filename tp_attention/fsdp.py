@@ -1,6 +1,6 @@
 """Sharded data parallelism (FSDP2, `fully_shard`) composed with our tensor parallelism.
 
-    mesh = data_parallel_mesh("cpu", dp_replicate=1, dp_shard=2, tp=2)   # ranks as in the (dp, tp) mesh
+    mesh = data_parallel_mesh("cpu", dp_replicate=1, dp_shard=2, tp=2)   # tp_attention.distributed
     shard_data_parallel(model, mesh)                                     # after the model is built at its tp
 
 Our TP shards are plain tensors, so FSDP2 sees each rank's TP shard as an ordinary parameter and shards
@@ -20,21 +20,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from tp_attention.vocab import VocabParallelEmbedding
-
-
-def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int, tp: int, pp: int = 1) -> DeviceMesh:
-    """The DP part of the `(pp, dp_replicate, dp_shard, tp)` mesh: 1-D `dp_shard`, or 2-D
-    `(dp_replicate, dp_shard)` for HSDP, within this rank's pipeline stage. Rank
-    `((p * dp_replicate + r) * dp_shard + s) * tp + t` sits at `(p, r, s, t)`, the layout of
-    `init_parallel_groups`' mesh with `dp = r * dp_shard + s`. A collective."""
-    mesh = init_device_mesh(
-        device_type, (pp, dp_replicate, dp_shard, tp), mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp")
-    )
-    return mesh["dp_shard"] if dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
 
 
 def shard_data_parallel(

@@ -115,6 +115,14 @@ def stage_loss(model: GPT, ignore_index: int = -100) -> Callable[[torch.Tensor, 
     return loss_fn
 
 
+def in_flight(schedule: str, stage: Stage, microbatches: int) -> int:
+    """Micro-batches whose activations `stage` holds at once: GPipe runs every forward before the first
+    backward (all of them); 1F1B starts backward after `num_stages - index` forwards and then alternates."""
+    if schedule == "gpipe":
+        return microbatches
+    return min(stage.num_stages - stage.index, microbatches)
+
+
 def build_schedule(
     module: nn.Module,
     model: GPT,

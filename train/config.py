@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from tp_attention.checkpointing import MODES as ACTIVATION_CHECKPOINTING
 from tp_attention.config import GPTConfig
+from tp_attention.distributed import ParallelDims
 from tp_attention.pipeline import SCHEDULES, stage_layers
 from tp_attention.shapes import (
     check_choice,
@@ -303,36 +304,18 @@ def _numbers(cfg: TrainConfig) -> None:
             _as_config_error(check_int, value, name, minimum=least, maximum=most)
 
 
-def model_parallel(parallel: ParallelConfig) -> tuple[str, str]:
-    """How the ranks of one model replica are named in messages: `("parallel.tp", "2")`, or with pipeline or
-    context parallelism e.g. `("parallel.pp x parallel.tp x parallel.cp", "2 x 2 x 4")`."""
-    axes = [(n, getattr(parallel, n)) for n in ("pp", "tp", "cp") if n == "tp" or getattr(parallel, n) > 1]
-    return " x ".join(f"parallel.{n}" for n, _ in axes), " x ".join(str(size) for _, size in axes)
-
-
-def model_parallel_size(parallel: ParallelConfig) -> int:
-    """Ranks of one model replica: pp x tp x cp (world_size / dp)."""
-    return parallel.pp * parallel.tp * parallel.cp
-
-
-def data_parallel_layout(parallel: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """`(dp_replicate, dp_shard)` for `world_size` ranks at `parallel.pp`, `parallel.tp` and `parallel.cp`.
+def parallel_dims(parallel: ParallelConfig, world_size: int) -> ParallelDims:
+    """The layout's sizes checked against `world_size` (`tp_attention.distributed.ParallelDims`, each size
+    named as the config spells it).
 
     Raises:
-        ConfigError: dp = world_size / (pp x tp x cp) is not dp_replicate x dp_shard.
+        ConfigError: the sizes do not fit the world size.
     """
-    dp = world_size // model_parallel_size(parallel)
-    name, _ = model_parallel(parallel)
-    shard, ranks = parallel.dp_shard, f"world_size / {name if ' x ' not in name else f'({name})'}"
-    ranks += f" = {world_size} / {model_parallel_size(parallel)}"
-    if shard < 1 or dp % shard != 0:
-        raise ConfigError(f"parallel.dp_shard = {shard} must divide dp = {ranks} = {dp}")
-    replicate = parallel.dp_replicate or dp // shard
-    if replicate * shard != dp:
-        raise ConfigError(
-            f"parallel.dp_replicate x parallel.dp_shard = {replicate} x {shard} must equal dp = {ranks} = {dp}"
-        )
-    return replicate, shard
+    p = parallel
+    try:
+        return ParallelDims(world_size, p.tp, p.cp, p.pp, p.dp_shard, p.dp_replicate, prefix="parallel.")
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def batch_layout(
@@ -340,8 +323,8 @@ def batch_layout(
 ) -> tuple[int, int]:
     """`(micro_batch, grad_accum)` per DP rank for the global `trainer.batch_size` at data-parallel size `dp`.
 
-    `replica` names what dp is world_size divided by (`model_parallel`), for the message. With pipeline
-    parallelism, `microbatches` (`pipeline_microbatches`) go through the pipeline in one step: no accumulation.
+    `replica` names what dp is world_size divided by (`ParallelDims.model_parallel_names`), for the message.
+    With pipeline parallelism, `microbatches` (`pipeline_microbatches`) go through the pipeline in one step.
 
     Raises:
         ConfigError: the batch does not split evenly into dp ranks of whole micro-batches.
@@ -430,11 +413,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
     _numbers(cfg)
     _choices(cfg)
-    replica, sizes = model_parallel(p)
-    if world_size % model_parallel_size(p) != 0:
-        raise ConfigError(f"world_size = {world_size} must be divisible by {replica} = {sizes}")
-    data_parallel_layout(p, world_size)
-    batch_layout(t, world_size // model_parallel_size(p), replica, pipeline_microbatches(p))
+    dims = parallel_dims(p, world_size)
+    batch_layout(t, dims.dp, dims.model_parallel_names()[0], pipeline_microbatches(p))
     _as_config_error(check_choice, p.pp_schedule, "parallel.pp_schedule", tuple(SCHEDULES))
     _as_config_error(stage_layers, m.num_layers, p.pp, p.pp_layers, names=("model.num_layers", "parallel.pp"))
     _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)

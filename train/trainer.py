@@ -38,9 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tp_attention import pipeline
 from tp_attention.checkpointing import apply_activation_checkpointing, is_recomputed
-from tp_attention.distributed import init_parallel_groups
+from tp_attention.distributed import init_process_group
 from tp_attention.flops import flops_per_token
-from tp_attention.fsdp import data_parallel_mesh, gathered, local, shard_data_parallel
+from tp_attention.fsdp import gathered, local, shard_data_parallel
 from tp_attention.grad_norm import average_gradients, clip_grad_norm_, grad_norm, sync_replicated_grads
 from tp_attention.hf import load_weights
 from tp_attention.model import GPT, write_model
@@ -50,8 +50,7 @@ from train.config import (
     ConfigError,
     TrainConfig,
     batch_layout,
-    data_parallel_layout,
-    model_parallel,
+    parallel_dims,
     pipeline_microbatches,
 )
 from train.data.corpus import eval_batches, prepare_data, step_batch
@@ -160,7 +159,11 @@ class Trainer:
         p, t = self.conf.parallel, self.conf.trainer
         self.device_type = device_type_for(self.conf)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.groups = init_parallel_groups(p.tp, self.device_type, p.timeout_s, p.cp, p.pp) if self.world > 1 else None
+        self.dims = parallel_dims(p, self.world)  # every axis's size, checked; the groups are built from it
+        self.groups = None
+        if self.world > 1:
+            init_process_group(self.device_type, p.timeout_s)
+            self.groups = self.dims.build(self.device_type)
         if self.groups and self.device_type == "cpu" and p.shm_collectives:
             self.groups = with_shared_memory_groups(self.groups, p.timeout_s)
         self.mesh, self.tp_group = (self.groups.mesh, self.groups.tp_group) if self.groups else (None, None)
@@ -172,12 +175,11 @@ class Trainer:
         self.replicas, self.replica_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
         self.dp_size, self.dp_rank = (self.groups.batch_ranks, self.groups.batch_rank) if self.groups else (1, 0)
         self.dp_group = self.groups.dp_group if self.groups and self.replicas > 1 else None
-        self.dp_replicate, self.dp_shard = data_parallel_layout(p, self.world)
-        self.fsdp_mesh = None
-        if self.dp_shard > 1:  # FSDP2 shards over dp_shard x cp together (torchtitan's dp_shard_cp)
-            self.fsdp_mesh = data_parallel_mesh(self.device_type, self.dp_replicate, self.dp_shard * p.cp, p.tp, p.pp)
+        self.dp_replicate, self.dp_shard = self.dims.dp_replicate, self.dims.dp_shard
+        self.fsdp_mesh = self.groups.fsdp_mesh if self.groups else None  # FSDP2 over dp_shard x cp
         self.pp_microbatches = pipeline_microbatches(p)
-        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size, model_parallel(p)[0], self.pp_microbatches)
+        replica = self.dims.model_parallel_names()[0]
+        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size, replica, self.pp_microbatches)
         self.rank_batch = self.micro_batch * (self.pp_microbatches or 1)  # sequences per forward_backward call
         torch.use_deterministic_algorithms(t.deterministic)  # off again for the next job of a sweep
         if t.deterministic:
@@ -291,7 +293,9 @@ class Trainer:
         self.wrapped = self.model  # FSDP2 (in place) or no data parallelism
         if self.fsdp_mesh is None and self.dp_group is not None and self.stage is None:  # stages: average_gradients
             self.wrapped = DistributedDataParallel(self.model, process_group=self.dp_group)
-        self.memory = memory_report(self.model, self.micro_batch, t.seq_len, p.tp, p.cp)
+        self.memory = memory_report(
+            self.model, self.micro_batch, t.seq_len, p.tp, p.cp, p.pp_schedule, self.pp_microbatches or 1
+        )
         log.info(describe_memory(self.memory))
         if self.is_main:
             add_to_run_record(self.run_dir, memory=self.memory)

@@ -17,6 +17,7 @@ from tp_attention.checkpointing import apply_activation_checkpointing
 from tp_attention.config import GPTConfig
 from tp_attention.fsdp import local
 from tp_attention.model import GPT
+from tp_attention.pipeline import Stage, in_flight, split_model, stage_layers
 from tp_attention.testing import run_threaded
 from train.config import ConfigError
 
@@ -31,18 +32,21 @@ def activation_bytes(
     element_size: int = 4,
     recomputed: int = 0,
     cp: int = 1,
+    layers: int | None = None,
+    logits: bool = True,
 ) -> int:
     """About the bytes one rank's forward keeps for backward, for its `seq_len / cp` tokens: per token and
     layer, the norm, residual and projection outputs (6 E), the local Q/K/V and attention output (4 E / tp), the
     MLP's hidden activations (2 or, SwiGLU, 3 of them, / tp) and the attention probabilities (H T / tp, where
     SDPA keeps them; ring attention keeps one log-sum-exp per head instead); the vocab-sharded logits thrice.
     A `recomputed` block (activation checkpointing) keeps only its input (E), plus one block's activations while
-    it is recomputed."""
+    it is recomputed. A pipeline stage keeps its `layers` (default all) and, on the last stage only, the `logits`."""
     mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.hidden_size
     attention = cfg.num_heads * (seq_len if cp == 1 else 1) / tp
     per_layer = (6 + 4 / tp) * cfg.emb_size + mlp / tp + attention
-    kept = (cfg.num_layers - recomputed) * per_layer + recomputed * cfg.emb_size + (per_layer if recomputed else 0)
-    per_token = kept + 3 * cfg.vocab_size / tp
+    layers = cfg.num_layers if layers is None else layers
+    kept = (layers - recomputed) * per_layer + recomputed * cfg.emb_size + (per_layer if recomputed else 0)
+    per_token = kept + (3 * cfg.vocab_size / tp if logits else 0)
     return int(element_size * micro_batch * seq_len // cp * per_token)
 
 
@@ -79,13 +83,29 @@ def check_activation_memory(
         )
 
 
-def memory_report(model: GPT, micro_batch: int, seq_len: int, tp: int, cp: int = 1) -> dict[str, int]:
+def memory_report(
+    model: GPT, micro_batch: int, seq_len: int, tp: int, cp: int = 1, schedule: str = "1f1b", microbatches: int = 1
+) -> dict[str, int]:
     """Bytes this rank holds for `model` (built at tp `tp`) trained with AdamW on `micro_batch` x `seq_len`
-    (`seq_len / cp` tokens of each sequence per rank under context parallelism)."""
+    (`seq_len / cp` tokens of each sequence per rank under context parallelism). For a pipeline stage: its
+    parameters, and the activations of its blocks for each micro-batch `schedule` keeps in flight there
+    (`tp_attention.pipeline.in_flight`)."""
     params = sum(local(p).numel() * p.element_size() for p in model.parameters())  # FSDP2: this rank's rows
     fp32 = sum(local(p).numel() * 4 for p in model.parameters())
     recomputed = sum(getattr(block, "checkpointed", False) for block in model._decoders.values())
-    activations = activation_bytes(model.config, micro_batch, seq_len, tp, recomputed=recomputed, cp=cp)
+    stage, kept = model.stage, 1
+    if stage is not None:
+        kept = in_flight(schedule, stage, microbatches)
+    activations = kept * activation_bytes(
+        model.config,
+        micro_batch,
+        seq_len,
+        tp,
+        recomputed=recomputed,
+        cp=cp,
+        layers=len(model._decoders),
+        logits=stage is None or stage.last,
+    )
     report = {"parameters": params, "gradients": params, "optimizer": ADAMW_MOMENTS * fp32, "activations": activations}
     return report | {"total": sum(report.values())}
 
@@ -97,12 +117,24 @@ def describe(report: dict[str, int]) -> str:
 
 
 def _meta_report(
-    rank: int, world: int, cfg: GPTConfig, micro_batch: int, seq_len: int, mode: str, every: int, cp: int
+    rank: int,
+    world: int,
+    cfg: GPTConfig,
+    micro_batch: int,
+    seq_len: int,
+    mode: str,
+    every: int,
+    cp: int,
+    stage: Stage | None,
+    schedule: str,
+    microbatches: int,
 ) -> dict[str, int]:
     with torch.device("meta"):
         model = GPT.from_config(cfg, tp_group=dist.group.WORLD if world > 1 else None)
+    if stage is not None:
+        split_model(model, stage)
     apply_activation_checkpointing(model, mode, every)
-    return memory_report(model, micro_batch, seq_len, world, cp)
+    return memory_report(model, micro_batch, seq_len, world, cp, schedule, microbatches)
 
 
 def layout_report(
@@ -114,14 +146,26 @@ def layout_report(
     every: int = 2,
     dp_shard: int = 1,
     cp: int = 1,
+    stage: Stage | None = None,
+    schedule: str = "1f1b",
+    microbatches: int = 1,
 ) -> dict[str, int]:
     """The report of rank 0 at tp `tp`, from meta-device models (no memory used); with FSDP2 over
     `dp_shard` ranks, parameters, gradients and AdamW state are `1 / dp_shard` of that (FSDP2 pads each
     parameter's split dim to a multiple of dp_shard: at most one row, or column, per parameter more); with
-    context parallelism each rank's activations are those of `seq_len / cp` tokens."""
-    if tp == 1:
-        report = _meta_report(0, 1, cfg, micro_batch, seq_len, mode, every, cp)
-    else:
-        report = run_threaded(tp, _meta_report, cfg, micro_batch, seq_len, mode, every, cp)[0]
+    context parallelism each rank's activations are those of `seq_len / cp` tokens; with pipeline parallelism,
+    those of pipeline `stage` (`stage_reports`)."""
+    options = (cfg, micro_batch, seq_len, mode, every, cp, stage, schedule, microbatches)
+    report = _meta_report(0, 1, *options) if tp == 1 else run_threaded(tp, _meta_report, *options)[0]
     report = {k: v if k == "activations" else -(-v // dp_shard) for k, v in report.items() if k != "total"}
     return report | {"total": sum(report.values())}
+
+
+def stage_reports(
+    cfg: GPTConfig, pp: int, layers: list[int] | None, schedule: str, microbatches: int, **layout: int | str
+) -> list[dict[str, int]]:
+    """`layout_report` of every one of `pp` pipeline stages (`layers` per stage, or even), in order."""
+    return [
+        layout_report(cfg, stage=Stage(i, pp, split), schedule=schedule, microbatches=microbatches, **layout)
+        for i, split in enumerate(stage_layers(cfg.num_layers, pp, layers))
+    ]
