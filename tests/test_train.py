@@ -229,13 +229,16 @@ LAYOUT_RUNS = {  # activation checkpointing rides along: it must not change the 
     "pp2_cp2": (["parallel.pp=2", "parallel.cp=2"], 4),
 }
 FOUR_RANKS = [name for name, (_, nproc) in LAYOUT_RUNS.items() if nproc == 4]
+SLOW = ["pp2_gpipe_4_microbatches"]  # GPipe's step is also checked against one process in tests/test_pipeline.py
 IN_THE_DEFAULT_SUITE = ["cp2_tp2_sp_full_ac", "pp2_tp2_sp_selective_ac"]  # CP and PP composed with TP, 10 steps
 
 
 @pytest.mark.parametrize(
     "layout",
     [
-        pytest.param(name, marks=pytest.mark.slow) if name in FOUR_RANKS and name not in IN_THE_DEFAULT_SUITE else name
+        pytest.param(name, marks=pytest.mark.slow)
+        if (name in FOUR_RANKS and name not in IN_THE_DEFAULT_SUITE) or name in SLOW
+        else name
         for name in LAYOUT_RUNS
     ],
 )
@@ -310,6 +313,45 @@ def test_pp2_follows_the_single_process_curve_exports_the_same_model_and_its_che
     log = rank0_log(workdir, "pp2")
     assert "world 2 = pp 2 (1f1b) x dp 1 x cp 1 x tp 1" in log and "pipeline stage 0 of 2: layers 0 to 0" in log
     assert_checkpoints_cross_layouts(workdir, single, "pp2", ["parallel.pp=2"], 2)
+
+
+@pytest.mark.slow  # inductor compiles for about half a minute on 2 cores
+def test_pp2_under_torch_compile_follows_the_single_process_curve(workdir, single):
+    """trainer.compile=true at pp=2: each stage's compiled module runs inside torch's schedule, on the same curve."""
+    overrides = ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.pp=2", "trainer.compile=true"]
+    train(workdir, "pp2_compiled", overrides, 2)
+    assert_same_curve(losses(workdir, "pp2_compiled"), single, "pp=2 under torch.compile")
+
+
+@pytest.mark.slow  # four commands on the pp2 run of the test above
+def test_a_pp2_run_exports_converts_samples_and_evaluates_as_one_process_does(workdir, single):
+    """train.export, train.convert --to hf, train.sample and train.evaluate read a pipeline run's checkpoint
+    (every stage's tensors under the whole model's names) as they read one process's."""
+    transformers = pytest.importorskip("transformers")
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        env = env_for("pp2_commands", workdir / "cache")
+        done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    runs = {run: workdir / "runs" / run for run in ("single", "pp2")}
+    command("train.export", str(runs["pp2"] / "checkpoints" / "step_10"), str(workdir / "pp2_exported"))
+    exported, own = GPT.load(workdir / "pp2_exported").state_dict(), GPT.load(runs["pp2"] / "export").state_dict()
+    assert exported.keys() == own.keys() and all(torch.equal(t, own[n]) for n, t in exported.items())
+    hf = {}
+    for run, path in runs.items():
+        command("train.convert", str(path), str(workdir / f"{run}_hf"), "--to", "hf")
+        hf[run] = transformers.AutoModelForCausalLM.from_pretrained(workdir / f"{run}_hf").state_dict()
+    for name, tensor in hf["single"].items():
+        assert_close(hf["pp2"][name], tensor, rtol=1e-4, atol=1e-6, what=f"Hugging Face {name}")
+    sample = command("train.sample", str(runs["pp2"]), "--prompt", "def", "--max-new-tokens", "8")
+    assert sample.stdout.startswith("def")
+    val = {}
+    for run, path in runs.items():
+        command("train.evaluate", str(path), "--out", str(workdir / f"{run}_eval.json"))
+        val[run] = json.loads((workdir / f"{run}_eval.json").read_text())["loss"]
+    assert val["pp2"] == pytest.approx(val["single"], rel=1e-5)
 
 
 @pytest.mark.slow  # a 4-rank run and three resumes
