@@ -22,7 +22,7 @@ def run_quick_bench(out: Path, *flags: str) -> None:
     subprocess.run([*command, "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=900)
 
 
-@pytest.mark.slow  # the GPU check's dry run (tests/test_gpu_check.py) runs the same command in the default suite
+@pytest.mark.slow  # the GPU check's dry run (tests/test_gpu_check.py, also slow) runs the same command
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tp=2 needs two cores")
 def test_quick_benchmark_writes_results(tmp_path):
     run_quick_bench(tmp_path)
@@ -175,6 +175,7 @@ def test_sharded_memory_benchmark_measures_each_layout(tmp_path):
     assert all(r["peak_growth"] > 0 and r["draw_seconds"] > 0 and r["save_peak_growth"] >= 0 for r in rows)
 
 
+@pytest.mark.slow  # 20 s of benchmark plumbing; CP itself is tests/test_context.py's and the layout runs'
 def test_context_parallel_benchmark_halves_the_activations_per_rank(tmp_path):
     """`python -m bench.context_parallel` end to end at a short sequence; bytes (not times) are asserted:
     what autograd saves per rank at cp=2 is at most 0.55 of cp=1's (the issue's goal)."""
@@ -193,3 +194,19 @@ def test_context_parallel_benchmark_halves_the_activations_per_rank(tmp_path):
     }
     saved = {r["cp"]: r["saved_bytes"] for r in result["rows"] if r["what"] == "gpt" and r["rank"] == 0}
     assert saved[2] <= 0.55 * saved[1]
+
+
+@pytest.mark.slow  # nine pipelines in fresh processes
+def test_pipeline_benchmark_times_every_schedule_against_one_process(tmp_path):
+    """`python -m bench.pipeline` end to end at a small size: a row per rank of each schedule at pp 2 and 4, and
+    one ratio line per schedule and pp (times are not asserted)."""
+    command = [sys.executable, "-m", "bench.pipeline", "--layers", "8", "--microbatches", "4", "--steps", "1"]
+    subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    ranks = {(r["pp"], r["schedule"]): set() for r in result["rows"]}
+    for r in result["rows"]:
+        ranks[(r["pp"], r["schedule"])].add(r["rank"])
+        assert r["step_ms"] > 0 and r["busy_ms"] > 0
+    schedules = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble")
+    assert ranks == {(1, "none"): {0}} | {(pp, s): set(range(pp)) for pp in (2, 4) for s in schedules}
+    assert len(result["ratios"]) == 8

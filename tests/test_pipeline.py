@@ -10,11 +10,14 @@ import torch.distributed as dist
 from tp_attention.grad_norm import grad_norm
 from tp_attention.model import GPT
 from tp_attention.pipeline import (
-    Stage,
+    VIRTUAL,
     build_schedule,
     counted_elsewhere,
+    rank_part,
+    rank_stages,
     split_model,
     stage_layers,
+    stage_views,
     sync_tied_embeddings,
     tied_copies_equal,
 )
@@ -33,13 +36,15 @@ def test_layers_split_evenly_or_as_given():
             stage_layers(4, 2, layers)
 
 
-def built(pp: int, index: int, seed: int = 0, **options) -> GPT:
-    """Stage `index` of `pp` (the whole model at pp=1), built on meta and initialised as the trainer does."""
+def built(pp: int, index: int, seed: int = 0, virtual: int = 1, **options) -> GPT:
+    """What pipeline rank `index` of `pp` holds (`virtual` stages; the whole model at pp=1), built on meta and
+    initialised as the trainer does."""
     with torch.device("meta"):
         model = GPT(**CFG, **options)
     order = None
     if pp > 1:
-        order = split_model(model, Stage(index, pp, stage_layers(CFG["num_layers"], pp)[index]))
+        stages = rank_stages(index, pp, virtual, stage_layers(CFG["num_layers"], pp * virtual))
+        order = split_model(model, rank_part(stages))
     model.to_empty(device="cpu")
     model.reset_parameters(torch.Generator().manual_seed(seed), order)
     return model
@@ -49,11 +54,11 @@ def built(pp: int, index: int, seed: int = 0, **options) -> GPT:
 def test_each_stage_draws_the_weights_one_process_draws(options):
     whole = built(1, 0, **options).state_dict()
     held = set()
-    for pp in (2, 4):
+    for pp, virtual in ((2, 1), (4, 1), (2, 2)):
         for index in range(pp):
-            stage = built(pp, index, **options).state_dict()
+            stage = built(pp, index, virtual=virtual, **options).state_dict()
             assert stage.keys() <= whole.keys()
-            assert all(torch.equal(tensor, whole[name]) for name, tensor in stage.items()), (pp, index)
+            assert all(torch.equal(tensor, whole[name]) for name, tensor in stage.items()), (pp, virtual, index)
             held |= stage.keys()
         assert held == whole.keys()
     tied = "tie_embeddings" not in options
@@ -69,14 +74,16 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def one_step_on_every_stage(rank: int, world: int, schedule: str, sync: bool):
-    """One schedule step (4 micro-batches) at pp = world, then an SGD update: gradients, the global norm, and
-    whether the two tied copies are still equal."""
-    model = built(world, rank)
-    stage = model.stage
-    pipe = build_schedule(model, model, stage, schedule, 4, dist.group.WORLD, torch.device("cpu"))
+    """One schedule step (4 micro-batches) at pp = world (2 stages per rank for the interleaved schedules),
+    then an SGD update: gradients, the global norm, and whether the two tied copies are still equal."""
+    virtual = 2 if schedule in VIRTUAL else 1
+    model = built(world, rank, virtual=virtual)
+    stages = rank_stages(rank, world, virtual, stage_layers(CFG["num_layers"], world * virtual))
+    modules = stage_views(model, stages)
+    pipe = build_schedule(modules, model, stages, schedule, 4, dist.group.WORLD, torch.device("cpu"))
     x, y = batch()
     losses = []
-    pipe.step(*((x,) if stage.first else ()), target=y if stage.last else None, losses=losses)
+    pipe.step(*((x,) if model.stage.first else ()), target=y if model.stage.last else None, losses=losses)
     if sync:
         sync_tied_embeddings(model, dist.group.WORLD)
     norm = grad_norm(model, None, dist.group.WORLD, counted_elsewhere(model))
@@ -100,11 +107,11 @@ def one_process_reference():
     )
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "interleaved_1f1b", "interleaved_zero_bubble"])
 def test_a_schedule_step_gives_one_process_gradients_and_norm_and_keeps_tied_copies_equal(schedule):
-    """pp=2 on gloo: every stage's gradients are one process's mean over the 4 micro-batches, the norm over
-    the stages counts the tied table once, and its two copies stay bitwise equal because their gradients are
-    summed (without that sum they part at the first update)."""
+    """pp=2 on gloo (interleaved: 4 stages, 2 per rank): every stage's gradients are one process's mean over the
+    4 micro-batches, the norm over the stages counts the tied table once, and its two copies stay bitwise equal
+    because their gradients are summed (without that sum they part at the first update)."""
     grads, norm, losses = one_process_reference()
     results = run_processes(2, one_step_on_every_stage, schedule, True)
     for rank, (stage_grads, stage_norm, equal, _) in enumerate(results):
@@ -113,8 +120,9 @@ def test_a_schedule_step_gives_one_process_gradients_and_norm_and_keeps_tied_cop
         assert_close(stage_norm, norm, rtol=1e-5, atol=0, what=f"stage {rank} global norm")
         assert equal, f"stage {rank}: tied copies differ after an update"
     assert_close(torch.tensor(results[1][3]), torch.tensor(losses), rtol=1e-6, atol=0, what="micro-batch losses")
-    unsynced = run_processes(2, one_step_on_every_stage, schedule, False)
-    assert not unsynced[0][2] and not unsynced[1][2]  # the check sees copies that part
+    if schedule == "1f1b":
+        unsynced = run_processes(2, one_step_on_every_stage, schedule, False)
+        assert not unsynced[0][2] and not unsynced[1][2]  # the check sees copies that part
 
 
 def test_the_memory_report_of_a_stage_counts_its_layers_and_its_micro_batches_in_flight():
@@ -134,3 +142,32 @@ def test_the_memory_report_of_a_stage_counts_its_layers_and_its_micro_batches_in
     blocks = activation_bytes(cfg, 2, 16, 1, layers=2, logits=False)
     assert [r["activations"] for r in gpipe] == [4 * blocks, 4 * activation_bytes(cfg, 2, 16, 1, layers=2)]
     assert [r["activations"] for r in one_f_one_b] == [2 * blocks, activation_bytes(cfg, 2, 16, 1, layers=2)]
+
+
+def test_an_interleaved_rank_holds_its_stages_blocks_and_each_view_one_stage():
+    """pp=2 x 2 virtual stages of 4 layers: rank 0 holds stages 0 and 2 (blocks 0, 2), rank 1 stages 1 and 3;
+    each view has its own stage's blocks (and the embedding on stage 0, the head on stage 3) and shares the
+    rank model's parameters."""
+    for rank, held in ((0, [0, 2]), (1, [1, 3])):
+        model = built(2, rank, virtual=2)
+        stages = rank_stages(rank, 2, 2, stage_layers(4, 4))
+        assert [s.index for s in stages] == held and list(model._decoders.keys()) == [str(i) for i in held]
+        for stage, view in zip(stages, stage_views(model, stages), strict=True):
+            assert list(view._decoders.keys()) == [str(stage.index)]
+            assert (view._token_embeddings is not None) == (stage.index in (0, 3))  # tied: the head's table
+            assert (view._norm is not None) == (stage.index == 3)
+            mine = {id(p) for p in model.parameters()}
+            assert all(id(p) in mine for p in view.parameters())
+
+
+def test_the_memory_report_of_an_interleaved_rank_counts_its_stages_blocks():
+    """pp=2 x 2 virtual stages: each rank keeps two stages' blocks (the whole model's 4 between them) and holds
+    about `(v - 1) pp + 2 (pp - 1 - rank) + 1` stage micro-batches in flight (torch's warm-up): 5 and 3 of 8."""
+    from tp_attention.config import GPTConfig
+    from train.reporting.memory import activation_bytes, stage_reports
+
+    cfg = GPTConfig.from_mapping(CFG)
+    reports = stage_reports(cfg, 2, None, "interleaved_1f1b", 4, virtual=2, tp=1, micro_batch=2, seq_len=16)
+    blocks = activation_bytes(cfg, 2, 16, 1, layers=2, logits=False)
+    assert reports[0]["activations"] == int(5 / 2 * blocks)
+    assert reports[1]["activations"] == int(3 / 2 * activation_bytes(cfg, 2, 16, 1, layers=2))

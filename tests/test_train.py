@@ -66,6 +66,36 @@ def test_default_config_composes_and_is_valid():
             r"parallel.pp_microbatches = 3 must divide trainer.batch_size / dp = 16",
         ),
         (
+            ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
+            2,
+            r"parallel.pp_schedule = 'interleaved_1f1b' needs parallel.pp_virtual_stages >= 2",
+        ),
+        (
+            ["parallel.pp=2", "parallel.pp_virtual_stages=2"],
+            2,
+            r"parallel.pp_virtual_stages = 2 needs an interleaved parallel.pp_schedule",
+        ),
+        (
+            [
+                "parallel.pp=2",
+                "parallel.pp_virtual_stages=2",
+                "parallel.pp_schedule=interleaved_1f1b",
+                "model.num_layers=6",
+            ],
+            2,
+            r"model.num_layers = 6 must be divisible by parallel.pp x parallel.pp_virtual_stages = 4",
+        ),
+        (
+            [
+                "parallel.pp=2",
+                "parallel.pp_virtual_stages=2",
+                "parallel.pp_schedule=interleaved_1f1b",
+                "parallel.pp_microbatches=1",
+            ],
+            2,
+            r"parallel.pp_microbatches = 1 must be a multiple of parallel.pp = 2",
+        ),
+        (
             ["parallel.pp=2", "trainer.micro_batch=2"],
             2,
             r"trainer.micro_batch = 2 must be trainer.batch_size / dp / parallel.pp_microbatches = 16 / 2",
@@ -313,6 +343,18 @@ def test_pp2_follows_the_single_process_curve_exports_the_same_model_and_its_che
     log = rank0_log(workdir, "pp2")
     assert "world 2 = pp 2 (1f1b) x dp 1 x cp 1 x tp 1" in log and "pipeline stage 0 of 2: layers 0 to 0" in log
     assert_checkpoints_cross_layouts(workdir, single, "pp2", ["parallel.pp=2"], 2)
+
+
+@pytest.mark.slow  # three runs; each schedule's step is checked against one process in tests/test_pipeline.py
+def test_interleaved_schedules_follow_the_single_process_curve(workdir):
+    """pp=2 x 2 virtual stages (4 layers: blocks 0 and 2 on rank 0, 1 and 3 on rank 1), interleaved 1F1B and
+    interleaved zero-bubble: the curve of one process."""
+    overrides = ["trainer.max_steps=10", "trainer.batch_size=8", "model.num_layers=4"]
+    train(workdir, "single_4_layers", overrides)
+    virtual = ["parallel.pp=2", "parallel.pp_virtual_stages=2", "parallel.pp_microbatches=4"]
+    for schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
+        train(workdir, f"pp2_{schedule}", [*overrides, *virtual, f"parallel.pp_schedule={schedule}"], 2)
+        assert_same_curve(losses(workdir, f"pp2_{schedule}"), losses(workdir, "single_4_layers"), schedule)
 
 
 @pytest.mark.slow  # inductor compiles for about half a minute on 2 cores

@@ -20,13 +20,20 @@ holds block 5), so a checkpoint's keys do not depend on the layout.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
 
 from tp_attention.context import cp_size, shard_sequence
 from tp_attention.fsdp import local
@@ -35,24 +42,66 @@ from tp_attention.shapes import check_int
 from tp_attention.state_dict import full_state_dict
 from tp_attention.vocab import vocab_parallel_cross_entropy
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}  # one stage per rank
+SCHEDULES = {  # torch's: one stage per rank, or (interleaved) parallel.pp_virtual_stages of them
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "interleaved_zero_bubble": ScheduleInterleavedZeroBubble,
+}
+VIRTUAL = {"interleaved_1f1b", "interleaved_zero_bubble"}  # schedules of several stages per rank
 
 
 @dataclass(frozen=True)
 class Stage:
-    """Pipeline stage `index` of `num_stages`: the blocks `layers` (global layer numbers)."""
+    """Pipeline stage `index` of `num_stages`: the blocks `layers` (global layer numbers). What one rank holds
+    of an interleaved pipeline is its stages together: `held` their indices (`rank_part`)."""
 
     index: int
     num_stages: int
-    layers: range
+    layers: Sequence[int]
+    held: tuple[int, ...] = ()
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return self.held or (self.index,)
 
     @property
     def first(self) -> bool:
-        return self.index == 0
+        return 0 in self.indices
 
     @property
     def last(self) -> bool:
-        return self.index == self.num_stages - 1
+        return self.num_stages - 1 in self.indices
+
+
+def rank_stages(rank: int, pp: int, virtual: int, layers: list[range]) -> list[Stage]:
+    """The stages rank `rank` of `pp` holds: `rank`, `rank + pp`, ... (`virtual` of them, torch's looped
+    order for interleaved schedules), of `pp x virtual` stages with blocks `layers` (`stage_layers`)."""
+    return [Stage(rank + v * pp, pp * virtual, layers[rank + v * pp]) for v in range(virtual)]
+
+
+def rank_part(stages: list[Stage]) -> Stage:
+    """All of one rank's stages as one part: their blocks together (what the rank's model keeps)."""
+    if len(stages) == 1:
+        return stages[0]
+    layers = tuple(i for stage in stages for i in stage.layers)
+    return Stage(stages[0].index, stages[0].num_stages, layers, held=tuple(s.index for s in stages))
+
+
+def stage_views(model: GPT, stages: list[Stage]) -> list[GPT]:
+    """One module per stage of `model`'s rank (split by `split_model(model, rank_part(stages))`), each the
+    blocks, embeddings or head of its own stage: views sharing `model`'s parameters, for torch's
+    `PipelineStage`s (each scales only its own stage's gradients). One stage: `[model]`."""
+    if len(stages) == 1:
+        return [model]
+    views = []
+    for stage in stages:
+        view = copy.copy(model)  # the same config, groups and parameters; a table of modules of its own
+        view.__dict__["_modules"] = dict(model._modules)
+        view._decoders = type(model._decoders)(dict(model._decoders.items()))
+        split_model(view, stage)
+        views.append(view)
+    return views
 
 
 def stage_layers(
@@ -89,9 +138,9 @@ def split_model(model: GPT, stage: Stage) -> list[nn.Module]:
     embedding also on the last when it is the tied LM head. Returns every module of the whole model in the
     constructor's order, for `GPT.reset_parameters(generator, order)`: one seed, the same weights at any pp."""
     order = list(model.modules())
-    for i in range(model.config.num_layers):
-        if i not in stage.layers:
-            del model._decoders[str(i)]
+    for key in list(model._decoders.keys()):
+        if int(key) not in stage.layers:
+            del model._decoders[key]
     if not stage.first:
         model._position_embeddings = None
         if not (stage.last and model.config.tie_embeddings):
@@ -115,34 +164,47 @@ def stage_loss(model: GPT, ignore_index: int = -100) -> Callable[[torch.Tensor, 
     return loss_fn
 
 
-def in_flight(schedule: str, stage: Stage, microbatches: int) -> int:
-    """Micro-batches whose activations `stage` holds at once: GPipe runs every forward before the first
-    backward (all of them); 1F1B starts backward after `num_stages - index` forwards and then alternates."""
+def in_flight(schedule: str, stage: Stage, microbatches: int) -> float:
+    """Micro-batches whose activations `stage` (a rank's part) holds at once, in units of the whole part: GPipe
+    runs every forward before the first backward (all of them); 1F1B starts backward after `num_stages - index`
+    forwards and then alternates; interleaved schedules, after about `(v - 1) pp + 2 (pp - 1 - rank) + 1`
+    forwards of one of the rank's `v` stages each (torch's warm-up), so that many `1 / v` parts."""
     if schedule == "gpipe":
         return microbatches
-    return min(stage.num_stages - stage.index, microbatches)
+    virtual = len(stage.indices)
+    if virtual == 1:
+        return min(stage.num_stages - stage.index, microbatches)
+    pp = stage.num_stages // virtual
+    chunks = min(microbatches * virtual, (virtual - 1) * pp + 2 * (pp - 1 - stage.index) + 1)
+    return chunks / virtual
 
 
 def build_schedule(
-    module: nn.Module,
+    modules: list[nn.Module],
     model: GPT,
-    stage: Stage,
+    stages: list[Stage],
     schedule: str,
     microbatches: int,
     group: dist.ProcessGroup,
     device: torch.device,
 ):
-    """torch's schedule `schedule` (`SCHEDULES`) over `microbatches` for this rank's stage: `module` is what
-    runs (the stage's GPT, or its DDP wrapper), `model` the GPT itself. Gradients are the mean over the
-    micro-batches (`scale_grads`), as one process accumulating them computes.
+    """torch's schedule `schedule` (`SCHEDULES`) over `microbatches` for this rank's `stages`: `modules` are
+    what runs, one per stage (`stage_views`, or the stage's GPT itself), `model` the rank's GPT. Gradients are
+    the mean over the micro-batches (`scale_grads`), as one process accumulating them computes.
 
     Raises:
-        ValueError: an unknown schedule.
+        ValueError: an unknown schedule, or one stage for an interleaved one (several for the others).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline schedule = {schedule!r} must be one of {', '.join(SCHEDULES)}")
-    pipeline_stage = PipelineStage(module, stage.index, stage.num_stages, device, group=group)
-    return SCHEDULES[schedule](pipeline_stage, microbatches, loss_fn=stage_loss(model), scale_grads=True)
+    if (schedule in VIRTUAL) != (len(stages) > 1):
+        raise ValueError(f"pipeline schedule = {schedule!r} cannot run {len(stages)} stage(s) per rank")
+    pipeline_stages = [
+        PipelineStage(module, stage.index, stage.num_stages, device, group=group)
+        for module, stage in zip(modules, stages, strict=True)
+    ]
+    held = pipeline_stages if schedule in VIRTUAL else pipeline_stages[0]
+    return SCHEDULES[schedule](held, microbatches, loss_fn=stage_loss(model), scale_grads=True)
 
 
 def gather_stages(model: GPT, pp_group: dist.ProcessGroup) -> dict[str, torch.Tensor] | None:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tp_attention.checkpointing import MODES as ACTIVATION_CHECKPOINTING
 from tp_attention.config import GPTConfig
 from tp_attention.distributed import ParallelDims
-from tp_attention.pipeline import SCHEDULES, stage_layers
+from tp_attention.pipeline import SCHEDULES, VIRTUAL, stage_layers
 from tp_attention.shapes import (
     check_choice,
     check_context_parallel,
@@ -136,7 +136,11 @@ class OptimConfig:
 class ParallelConfig:
     tp: int = opt(1, "tensor-parallel size; dp = world_size / (pp x tp x cp)")
     pp: int = opt(1, "pipeline-parallel stages: the layers split into this many consecutive groups of ranks")
-    pp_schedule: str = opt("1f1b", "pipeline schedule (torch.distributed.pipelining): gpipe | 1f1b")
+    pp_schedule: str = opt(
+        "1f1b",
+        "pipeline schedule (torch.distributed.pipelining): gpipe | 1f1b | interleaved_1f1b | interleaved_zero_bubble",
+    )
+    pp_virtual_stages: int = opt(1, "stages per rank (interleaved schedules: >= 2; the layers split into pp x this)")
     pp_microbatches: int | None = opt(
         None, "micro-batches per step through the pipeline (they divide batch_size / dp); null: pp"
     )
@@ -253,7 +257,16 @@ INTEGERS = {  # every integer field: (least, most) allowed; None fields (optiona
     "optim.decay_steps": (1, MAX_COUNT),
     **{
         f"parallel.{n}": (1, MAX_COUNT)
-        for n in ("tp", "cp", "pp", "pp_microbatches", "dp_shard", "dp_replicate", "nproc_per_node")
+        for n in (
+            "tp",
+            "cp",
+            "pp",
+            "pp_microbatches",
+            "pp_virtual_stages",
+            "dp_shard",
+            "dp_replicate",
+            "nproc_per_node",
+        )
     },
     **{
         f"trainer.{n}": (1, MAX_COUNT)
@@ -416,7 +429,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     dims = parallel_dims(p, world_size)
     batch_layout(t, dims.dp, dims.model_parallel_names()[0], pipeline_microbatches(p))
     _as_config_error(check_choice, p.pp_schedule, "parallel.pp_schedule", tuple(SCHEDULES))
-    _as_config_error(stage_layers, m.num_layers, p.pp, p.pp_layers, names=("model.num_layers", "parallel.pp"))
+    _pipeline(cfg)
     _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
     _as_config_error(check_choice, d.source, "data.source", ("stdlib", "text", "hf"))
     _as_config_error(check_choice, d.tokenizer, "data.tokenizer", ("byte", "bpe"))
@@ -445,6 +458,42 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if p.sequence_parallel:
         name = "trainer.seq_len" if p.cp == 1 else f"trainer.seq_len / parallel.cp = {t.seq_len} / {p.cp}"
         _as_config_error(check_sequence_parallel, t.seq_len // p.cp, p.tp, name=name, tp_name="parallel.tp")
+
+
+def _pipeline(cfg: TrainConfig) -> None:
+    """The stages divide the layers; an interleaved schedule has virtual stages and a multiple of pp micro-batches."""
+    m, p, t = cfg.model, cfg.parallel, cfg.trainer
+    stages, names = p.pp * p.pp_virtual_stages, ("model.num_layers", "parallel.pp")
+    if p.pp_virtual_stages > 1:
+        names = ("model.num_layers", "parallel.pp x parallel.pp_virtual_stages")
+    _as_config_error(stage_layers, m.num_layers, stages, p.pp_layers, names=names)
+    if p.pp == 1:
+        return
+    interleaved = p.pp_schedule in VIRTUAL
+    if interleaved and p.pp_virtual_stages < 2:
+        raise ConfigError(
+            f"parallel.pp_schedule = {p.pp_schedule!r} needs parallel.pp_virtual_stages >= 2 (stages per rank)"
+        )
+    if not interleaved and p.pp_virtual_stages > 1:
+        raise ConfigError(
+            f"parallel.pp_virtual_stages = {p.pp_virtual_stages} needs an interleaved parallel.pp_schedule "
+            f"({', '.join(sorted(VIRTUAL))}); {p.pp_schedule!r} runs one stage per rank"
+        )
+    microbatches = pipeline_microbatches(p)
+    if interleaved and microbatches % p.pp != 0:
+        raise ConfigError(
+            f"parallel.pp_microbatches = {microbatches} must be a multiple of parallel.pp = {p.pp} for "
+            f"parallel.pp_schedule = {p.pp_schedule!r}"
+        )
+    if interleaved and p.dp_shard > 1:
+        raise ConfigError(
+            f"parallel.pp_schedule = {p.pp_schedule!r} with parallel.dp_shard > 1 is not supported yet: FSDP2 "
+            "gathers a rank's embeddings and head in its model's forward, which an interleaved rank never calls"
+        )
+    if p.pp_schedule == "interleaved_zero_bubble" and t.compile:
+        raise ConfigError(
+            "parallel.pp_schedule = 'interleaved_zero_bubble' cannot run under trainer.compile (torch's rule)"
+        )
 
 
 SECTIONS = {

@@ -43,10 +43,11 @@ def main() -> None:
         print(f"{where}: {describe(layout_report(model_cfg, **layout))}")
         return
     microbatches = pipeline_microbatches(p)
-    reports = stage_reports(model_cfg, p.pp, p.pp_layers, p.pp_schedule, microbatches, **layout)
-    print(f"pp {p.pp} ({p.pp_schedule}, {microbatches} micro-batches) x {where}:")
+    reports = stage_reports(model_cfg, p.pp, p.pp_layers, p.pp_schedule, microbatches, p.pp_virtual_stages, **layout)
+    virtual = f", {p.pp_virtual_stages} stages per rank" if p.pp_virtual_stages > 1 else ""
+    print(f"pp {p.pp} ({p.pp_schedule}{virtual}, {microbatches} micro-batches) x {where}:")
     for i, report in enumerate(reports):
-        print(f"  stage {i}: {describe(report)}")
+        print(f"  pipeline rank {i}: {describe(report)}")
 
 
 if __name__ == "__main__":

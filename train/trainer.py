@@ -268,11 +268,19 @@ class Trainer:
         self.all_parameters = self.model.num_parameters(exclude_position_embeddings=False)
         order = None  # the whole model's modules, for a stage's initialisation
         if p.pp > 1:
-            pp_rank = self.groups.pp_rank
-            layers = pipeline.stage_layers(self.model_config.num_layers, p.pp, p.pp_layers)[pp_rank]
-            self.stage = pipeline.Stage(pp_rank, p.pp, layers)
+            pp_rank, virtual = self.groups.pp_rank, p.pp_virtual_stages
+            splits = pipeline.stage_layers(self.model_config.num_layers, p.pp * virtual, p.pp_layers)
+            self.stages = pipeline.rank_stages(pp_rank, p.pp, virtual, splits)
+            self.stage = pipeline.rank_part(self.stages)
             order = pipeline.split_model(self.model, self.stage)
-            log.info("pipeline stage %d of %d: layers %d to %d", pp_rank, p.pp, layers[0], layers[-1])
+            for stage in self.stages:
+                log.info(
+                    "pipeline stage %d of %d: layers %d to %d",
+                    stage.index,
+                    stage.num_stages,
+                    stage.layers[0],
+                    stage.layers[-1],
+                )
         recomputed = apply_activation_checkpointing(
             self.model, t.activation_checkpointing, t.activation_checkpointing_every
         )
@@ -311,8 +319,9 @@ class Trainer:
             self.wrapped = torch.compile(self.wrapped, backend=self.conf.trainer.compile_backend)
         self.schedule = None  # pipeline parallelism: torch's schedule runs forward and backward
         if self.stage is not None:
+            modules = [self.wrapped] if len(self.stages) == 1 else pipeline.stage_views(self.model, self.stages)
             self.schedule = pipeline.build_schedule(
-                self.wrapped, self.model, self.stage, p.pp_schedule, self.pp_microbatches, self.pp_group, self.device
+                modules, self.model, self.stages, p.pp_schedule, self.pp_microbatches, self.pp_group, self.device
             )
         self._start_trackers()
         self.metrics = Metrics(self.run_dir, self.accelerator, self.is_main)

@@ -17,7 +17,7 @@ from tp_attention.checkpointing import apply_activation_checkpointing
 from tp_attention.config import GPTConfig
 from tp_attention.fsdp import local
 from tp_attention.model import GPT
-from tp_attention.pipeline import Stage, in_flight, split_model, stage_layers
+from tp_attention.pipeline import Stage, in_flight, rank_part, rank_stages, split_model, stage_layers
 from tp_attention.testing import run_threaded
 from train.config import ConfigError
 
@@ -96,15 +96,18 @@ def memory_report(
     stage, kept = model.stage, 1
     if stage is not None:
         kept = in_flight(schedule, stage, microbatches)
-    activations = kept * activation_bytes(
-        model.config,
-        micro_batch,
-        seq_len,
-        tp,
-        recomputed=recomputed,
-        cp=cp,
-        layers=len(model._decoders),
-        logits=stage is None or stage.last,
+    activations = int(
+        kept
+        * activation_bytes(
+            model.config,
+            micro_batch,
+            seq_len,
+            tp,
+            recomputed=recomputed,
+            cp=cp,
+            layers=len(model._decoders),
+            logits=stage is None or stage.last,
+        )
     )
     report = {"parameters": params, "gradients": params, "optimizer": ADAMW_MOMENTS * fp32, "activations": activations}
     return report | {"total": sum(report.values())}
@@ -162,10 +165,16 @@ def layout_report(
 
 
 def stage_reports(
-    cfg: GPTConfig, pp: int, layers: list[int] | None, schedule: str, microbatches: int, **layout: int | str
+    cfg: GPTConfig,
+    pp: int,
+    layers: list[int] | None,
+    schedule: str,
+    microbatches: int,
+    virtual: int = 1,
+    **layout: int | str,
 ) -> list[dict[str, int]]:
-    """`layout_report` of every one of `pp` pipeline stages (`layers` per stage, or even), in order."""
-    return [
-        layout_report(cfg, stage=Stage(i, pp, split), schedule=schedule, microbatches=microbatches, **layout)
-        for i, split in enumerate(stage_layers(cfg.num_layers, pp, layers))
-    ]
+    """`layout_report` of what each of `pp` pipeline ranks holds (`virtual` stages each; `layers` per stage, or
+    even), in rank order."""
+    splits = stage_layers(cfg.num_layers, pp * virtual, layers)
+    parts = [rank_part(rank_stages(rank, pp, virtual, splits)) for rank in range(pp)]
+    return [layout_report(cfg, stage=part, schedule=schedule, microbatches=microbatches, **layout) for part in parts]
