@@ -275,7 +275,7 @@ IN_THE_DEFAULT_SUITE = ["cp2_tp2_sp_full_ac", "pp2_tp2_sp_selective_ac"]  # CP a
 def test_layouts_agree_with_the_single_process_run(workdir, request, layout):
     """10-step curves; 20 for the other four-rank layouts (slow), against a 20-step single-process run."""
     overrides, nproc = LAYOUT_RUNS[layout]
-    steps = 20 if layout in FOUR_RANKS and layout not in IN_THE_DEFAULT_SUITE else 10
+    steps = 20 if (layout in FOUR_RANKS and layout not in IN_THE_DEFAULT_SUITE) or layout in SLOW else 10
     reference = request.getfixturevalue("single" if steps == 10 else "single_20_steps")
     train(workdir, layout, [f"trainer.max_steps={steps}", "trainer.batch_size=8", *overrides], nproc)
     assert_same_curve(losses(workdir, layout), reference, layout)
@@ -342,19 +342,29 @@ def test_pp2_follows_the_single_process_curve_exports_the_same_model_and_its_che
     assert (workdir / "runs" / "pp2" / "sample.txt").read_text() != ""
     log = rank0_log(workdir, "pp2")
     assert "world 2 = pp 2 (1f1b) x dp 1 x cp 1 x tp 1" in log and "pipeline stage 0 of 2: layers 0 to 0" in log
+    assert max(r["grad_norm"] for r in metrics(workdir, "pp2")) > 1.0  # optim.grad_clip = 1: clipping at work
+    record = {run: json.loads((workdir / "runs" / run / "run.json").read_text()) for run in ("single", "pp2")}
+    stages, table = record["pp2"]["memory_stages"], 256 * 64 * 4  # the tied table, on both stages
+    assert sum(s["parameters"] for s in stages) == record["single"]["memory"]["parameters"] + table
     assert_checkpoints_cross_layouts(workdir, single, "pp2", ["parallel.pp=2"], 2)
 
 
 @pytest.mark.slow  # three runs; each schedule's step is checked against one process in tests/test_pipeline.py
-def test_interleaved_schedules_follow_the_single_process_curve(workdir):
-    """pp=2 x 2 virtual stages (4 layers: blocks 0 and 2 on rank 0, 1 and 3 on rank 1), interleaved 1F1B and
-    interleaved zero-bubble: the curve of one process."""
+def test_interleaved_schedules_and_pp4_follow_the_single_process_curve(workdir):
+    """4 layers: pp=2 x 2 virtual stages (blocks 0 and 2 on rank 0, 1 and 3 on rank 1) under interleaved 1F1B and
+    interleaved zero-bubble, and pp=4: the curve of one process; the interleaved run's checkpoint resumes at pp=4."""
     overrides = ["trainer.max_steps=10", "trainer.batch_size=8", "model.num_layers=4"]
     train(workdir, "single_4_layers", overrides)
+    reference = losses(workdir, "single_4_layers")
     virtual = ["parallel.pp=2", "parallel.pp_virtual_stages=2", "parallel.pp_microbatches=4"]
     for schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
         train(workdir, f"pp2_{schedule}", [*overrides, *virtual, f"parallel.pp_schedule={schedule}"], 2)
-        assert_same_curve(losses(workdir, f"pp2_{schedule}"), losses(workdir, "single_4_layers"), schedule)
+        assert_same_curve(losses(workdir, f"pp2_{schedule}"), reference, schedule)
+    train(workdir, "pp4", [*overrides, "parallel.pp=4", "parallel.pp_microbatches=4"], 4)  # 4 stages of one layer
+    assert_same_curve(losses(workdir, "pp4"), reference, "pp=4")
+    step5 = workdir / "runs" / "pp2_interleaved_1f1b" / "checkpoints" / "step_5"  # 2 x 2 stages, to 4 x 1
+    train(workdir, "pp2x2_to_pp4", [*overrides, f"trainer.resume={step5}", "parallel.pp=4"], 4)
+    assert_same_curve(losses(workdir, "pp2x2_to_pp4"), reference, "an interleaved pp=2 checkpoint resumed at pp=4")
 
 
 @pytest.mark.slow  # inductor compiles for about half a minute on 2 cores

@@ -305,8 +305,12 @@ class Trainer:
             self.model, self.micro_batch, t.seq_len, p.tp, p.cp, p.pp_schedule, self.pp_microbatches or 1
         )
         log.info(describe_memory(self.memory))
+        stages = None  # under pipeline parallelism, each stage's report (rank 0 sees its own stage's)
+        if self.pp_group is not None:
+            stages = [None] * p.pp
+            dist.all_gather_object(stages, self.memory, group=self.pp_group)
         if self.is_main:
-            add_to_run_record(self.run_dir, memory=self.memory)
+            add_to_run_record(self.run_dir, memory=self.memory, **({"memory_stages": stages} if stages else {}))
         implementation = {k: v for k, v in (("fused", o.fused), ("foreach", o.foreach)) if v is not None}
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **implementation
