@@ -375,7 +375,7 @@ def test_pp2_under_torch_compile_follows_the_single_process_curve(workdir, singl
     assert_same_curve(losses(workdir, "pp2_compiled"), single, "pp=2 under torch.compile")
 
 
-@pytest.mark.slow  # four commands on the pp2 run of the test above
+@pytest.mark.slow  # a pp=2 run and four commands
 def test_a_pp2_run_exports_converts_samples_and_evaluates_as_one_process_does(workdir, single):
     """train.export, train.convert --to hf, train.sample and train.evaluate read a pipeline run's checkpoint
     (every stage's tensors under the whole model's names) as they read one process's."""
@@ -387,7 +387,8 @@ def test_a_pp2_run_exports_converts_samples_and_evaluates_as_one_process_does(wo
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
-    runs = {run: workdir / "runs" / run for run in ("single", "pp2")}
+    train(workdir, "pp2_commands", ["trainer.max_steps=10", "trainer.batch_size=8", "parallel.pp=2"], 2)
+    runs = {"single": workdir / "runs" / "single", "pp2": workdir / "runs" / "pp2_commands"}
     command("train.export", str(runs["pp2"] / "checkpoints" / "step_10"), str(workdir / "pp2_exported"))
     exported, own = GPT.load(workdir / "pp2_exported").state_dict(), GPT.load(runs["pp2"] / "export").state_dict()
     assert exported.keys() == own.keys() and all(torch.equal(t, own[n]) for n, t in exported.items())

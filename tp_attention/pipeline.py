@@ -2,12 +2,12 @@
 
     with torch.device("meta"):
         model = GPT.from_config(cfg, tp_group=tp_group)
-    stage = Stage(pp_rank, pp, stage_layers(cfg.num_layers, pp)[pp_rank])
-    order = split_model(model, stage)                 # this stage's modules only, under their full names
+    stages = rank_stages(pp_rank, pp, 1, stage_layers(cfg.num_layers, pp))   # 2 or more: interleaved
+    order = split_model(model, rank_part(stages))      # this rank's modules only, under their full names
     model.to_empty(device="cpu")
-    model.reset_parameters(generator, order)          # the same weights as one process draws
-    schedule = build_schedule(model, model, stage, "1f1b", microbatches, pp_group, device)
-    schedule.step(idx if stage.first else ..., target=targets if stage.last else ..., losses=losses)
+    model.reset_parameters(generator, order)           # the same weights as one process draws
+    schedule = build_schedule(stage_views(model, stages), model, stages, "1f1b", microbatches, pp_group, device)
+    schedule.step(*([idx] if model.stage.first else []), target=targets if model.stage.last else None, losses=[])
 
 torchtitan's split: the first stage holds the token (and position) embedding, the last the final norm and the
 LM head; every stage its consecutive blocks. The last stage returns its vocabulary shard of the logits and the
