@@ -175,7 +175,7 @@ def test_sharded_memory_benchmark_measures_each_layout(tmp_path):
     assert all(r["peak_growth"] > 0 and r["draw_seconds"] > 0 and r["save_peak_growth"] >= 0 for r in rows)
 
 
-@pytest.mark.slow  # 20 s of benchmark plumbing; CP itself is tests/test_context.py's and the layout runs'
+@pytest.mark.slow  # 20 s of benchmark plumbing; CP itself is tests/test_context.py's and the layout runs' job
 def test_context_parallel_benchmark_halves_the_activations_per_rank(tmp_path):
     """`python -m bench.context_parallel` end to end at a short sequence; bytes (not times) are asserted:
     what autograd saves per rank at cp=2 is at most 0.55 of cp=1's (the issue's goal)."""
