@@ -171,3 +171,23 @@ def test_the_memory_report_of_an_interleaved_rank_counts_its_stages_blocks():
     blocks = activation_bytes(cfg, 2, 16, 1, layers=2, logits=False)
     assert reports[0]["activations"] == int(5 / 2 * blocks)
     assert reports[1]["activations"] == int(3 / 2 * activation_bytes(cfg, 2, 16, 1, layers=2))
+
+
+@pytest.mark.parametrize("source", ["export", "hugging_face"])
+def test_a_stage_loads_its_part_of_a_whole_models_weights(tmp_path, source):
+    """`model.init_from` at pp > 1: each stage reads its own tensors of an export or a Hugging Face directory,
+    the other stages' expected there (`whole`) rather than refused as not belonging to the model."""
+    from tp_attention.hf import load_weights
+    from tp_attention.pipeline import Stage
+
+    whole = built(1, 0)
+    path = whole.save(tmp_path / "ours") if source == "export" else whole.save_pretrained(tmp_path / "hf")
+    names, expected = list(whole.state_dict()), whole.state_dict()
+    for index in range(2):
+        with torch.device("meta"):
+            stage = GPT(**CFG)
+        split_model(stage, Stage(index, 2, stage_layers(CFG["num_layers"], 2)[index]))
+        load_weights(stage, path, whole=names)
+        assert all(torch.equal(tensor, expected[name]) for name, tensor in stage.state_dict().items())
+    with pytest.raises(ValueError, match="not used by"):
+        load_weights(stage, path)  # without `whole`: the first stage's tensors do not belong to this one

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -350,12 +350,15 @@ def _local_piece(files: SafetensorsFiles, source: Source, spec: ShardSpec | None
     return piece.contiguous()
 
 
-def load_weights(model: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
+def load_weights(
+    model: nn.Module, path: Path, dtype: torch.dtype = torch.float32, whole: Collection[str] | None = None
+) -> None:
     """Give `model` (built for the checkpoint's shape, on any device, the meta device included) this
     rank's slices of the weights at `path`: a Hugging Face directory, or an export written by `GPT.save`
     (its directory or file).
     Only the slices are read. Parameters are replaced (`assign`), so build the model on the meta device
-    to never hold a second copy.
+    to never hold a second copy. `whole`: the whole model's state-dict names when `model` is one pipeline stage
+    of it (the other stages' tensors in the files are then expected, and not read).
 
     Raises:
         FileNotFoundError: no weights at `path`.
@@ -370,7 +373,7 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype = torch.float3
             table = {k: replace(v, name=v.name.removeprefix("transformer.")) for k, v in table.items()}  # the Hub's
     else:
         saved = {current_name(name): name for name in files.where}  # an older export's names too
-        kind, table = "GPT.save", {name: Source(saved.get(name, name)) for name in ours}
+        kind, table = "GPT.save", {name: Source(saved.get(name, name)) for name in whole or ours}
     specs, local, problems, used = sharded_parameters(model), {}, [], set()
     for name, tensor in ours.items():
         spec, group = specs.get(name, (None, None))
@@ -385,6 +388,7 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype = torch.float3
                 f"{source.name}: this rank's piece is {tuple(piece.shape)}, the model's {tuple(tensor.shape)}"
             )
         local[name] = piece.to(dtype, copy=True)  # our own memory, not a view of the file's mapping
+    used |= {table[name].name for name in whole or () if name in table}  # the other stages'
     if model.config.tie_embeddings:
         used.add("lm_head.weight")  # a tied head some exports still write: the embedding itself
     unexpected = sorted(n for n in files.where if n not in used and not n.endswith(IGNORED))

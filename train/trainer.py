@@ -266,6 +266,7 @@ class Trainer:
             )
         self.num_parameters = self.model.num_parameters()  # the whole model's, before a stage keeps its part
         self.all_parameters = self.model.num_parameters(exclude_position_embeddings=False)
+        whole = list(self.model.state_dict())  # its tensors' names, which a stage's weights file also holds
         order = None  # the whole model's modules, for a stage's initialisation
         if p.pp > 1:
             pp_rank, virtual = self.groups.pp_rank, p.pp_virtual_stages
@@ -289,7 +290,7 @@ class Trainer:
                 "activation checkpointing: %d of %d blocks recompute in backward", recomputed, len(self.model._decoders)
             )  # of this stage's, under pipeline parallelism
         if init_from:
-            load_weights(self.model, Path(init_from).expanduser())  # this rank's TP slices
+            load_weights(self.model, Path(init_from).expanduser(), whole=whole)  # this rank's TP slices
             self.model.to(self.device)
             log.info("weights from %s", init_from)
         if self.fsdp_mesh is not None:  # parameters, gradients and AdamW state: 1 / dp_shard of the TP shard
