@@ -18,30 +18,21 @@ Results: `--out` (default outputs/bench/) gets context_parallel.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bench.hf_load import PeakSampler, anonymous_bytes, run_ranks, write_row
+from bench.hf_load import PeakSampler, anonymous_bytes, median_ms, run_ranks, write_result, write_row
 
 WIDTH, HEADS, HEAD_SIZE, LAYERS = 128, 4, 32, 2
 
 
 def timed(step, steps: int) -> float:
     """Median milliseconds of `step()` over `steps` runs after one warm-up (the slowest rank's, under torchrun)."""
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    median = torch.tensor(statistics.median(times) * 1e3)
+    median = torch.tensor(median_ms(step, steps))
     if dist.is_initialized():
         dist.all_reduce(median, op=dist.ReduceOp.MAX)
     return median.item()
@@ -167,11 +158,8 @@ def main() -> None:
         saved = f"{r['saved_bytes'] / mib:9.1f}" if "saved_bytes" in r else " " * 9
         peak = f"{r['peak_growth'] / mib:8.1f}" if "peak_growth" in r else " " * 8
         print(f"{r['what']:>5} {r['cp']:>2} {r['rank']:>4} {r.get('threads', 1):>7} {r['step_ms']:9.1f} {saved} {peak}")
-    ratios = ratio_lines(rows)
-    print("\n".join(ratios))
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"seq_len": args.seq_len, "steps": args.steps, "rows": rows, "ratios": ratios}
-    (args.out / "context_parallel.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"seq_len": args.seq_len, "steps": args.steps, "rows": rows, "ratios": ratio_lines(rows)}
+    write_result(args.out, "context_parallel", result)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -124,6 +126,25 @@ def write_row(row: dict) -> None:
     (Path(os.environ["TP_BENCH_ROWS"]) / f"rank{row['rank']}.json").write_text(json.dumps(row))
 
 
+def median_ms(step, steps: int) -> float:
+    """Median milliseconds of `step()` over `steps` runs, after one warm-up (this process's own)."""
+    step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def write_result(out: Path, name: str, result: dict) -> None:
+    """Print `result["ratios"]` (if any) and write `result` to `out/<name>.json`."""
+    if "ratios" in result:
+        print("\n".join(result["ratios"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def run_load(directory: Path, how: str, tp: int) -> list[dict]:
     """The rows of a load in fresh processes (torchrun for tp > 1)."""
     return run_ranks(["-m", "bench.hf_load", "--measure", str(directory), "--how", how], tp)
@@ -156,9 +177,8 @@ def main() -> None:
             f"{row['how']:<16} {tp:>2} {row['rank']:>4} {row['local_param_bytes'] / 2**20:>9.0f} "
             f"{row['peak_growth'] / 2**20:>15.0f} {row['peak_growth'] / tp1:>7.2f}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {"model_bytes": model_bytes, "layers": args.layers, "rows": rows, "max_rss_kib": _max_rss()}
-    (args.out / "hf_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "hf_load", result)
 
 
 def _max_rss() -> int:

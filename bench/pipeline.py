@@ -18,30 +18,18 @@ Results: `--out` (default outputs/bench/) gets pipeline.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from bench.hf_load import run_ranks, write_row
+from bench.hf_load import median_ms, run_ranks, write_result, write_row
 from tp_attention.pipeline import SCHEDULES
 
 WIDTH, HEADS, HEAD_SIZE, VOCAB, SEQ_LEN, MICRO_BATCH = 128, 4, 32, 256, 128, 2
 VIRTUAL_STAGES = 2  # per rank, for the interleaved schedules
-
-
-def median_ms(step, steps: int) -> float:
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def measure(layers: int, microbatches: int, schedule: str, steps: int) -> dict:
@@ -141,11 +129,8 @@ def main() -> None:
     for r in rows:
         idle = 1 - r["busy_ms"] / r["step_ms"]
         print(f"{r['pp']:>2} {r['schedule']:>8} {r['rank']:>4} {r['step_ms']:9.1f} {r['busy_ms']:9.1f} {idle:6.3f}")
-    ratios = ratio_lines(rows)
-    print("\n".join(ratios))
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"layers": args.layers, "microbatches": args.microbatches, "rows": rows, "ratios": ratios}
-    (args.out / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"layers": args.layers, "microbatches": args.microbatches, "rows": rows, "ratios": ratio_lines(rows)}
+    write_result(args.out, "pipeline", result)
 
 
 if __name__ == "__main__":

@@ -140,8 +140,7 @@ class ParallelDims:
         if self.world_size % self.model_parallel_size != 0:
             raise ValueError(f"world_size = {self.world_size} must be divisible by {names} = {sizes}")
         dp = self.world_size // self.model_parallel_size
-        ranks = f"world_size / {names if ' x ' not in names else f'({names})'} = {self.world_size} / "
-        ranks += f"{self.model_parallel_size} = {dp}"
+        ranks = f"{self.dp_formula} = {self.world_size} / {self.model_parallel_size} = {dp}"
         if dp % self.dp_shard != 0:
             raise ValueError(f"{self.prefix}dp_shard = {self.dp_shard} must divide dp = {ranks}")
         replicate = self.dp_replicate or dp // self.dp_shard
@@ -157,6 +156,12 @@ class ParallelDims:
         "2 x 2 x 4")` (each name after `prefix`)."""
         axes = [(a, getattr(self, a)) for a in ("pp", "tp", "cp") if a == "tp" or getattr(self, a) > 1]
         return " x ".join(self.prefix + a for a, _ in axes), " x ".join(str(size) for _, size in axes)
+
+    @property
+    def dp_formula(self) -> str:
+        """What dp is, for messages: `world_size / tp`, or e.g. `world_size / (pp x tp)`."""
+        names = self.model_parallel_names()[0]
+        return f"world_size / {names if ' x ' not in names else f'({names})'}"
 
     @property
     def model_parallel_size(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 import torch.distributed as dist
@@ -72,19 +72,23 @@ def sync_replicated_grads(model: nn.Module, tp_group: Group) -> None:
         return
     specs = sharded_parameters(model)
     grads = [local(p.grad) for n, p in model.named_parameters() if n not in specs and p.grad is not None]
-    if grads:
-        flat = all_reduce_in_place(torch.cat([g.reshape(-1) for g in grads]), tp_group)
-        for g, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(summed.view_as(g))
+    _reduce_flat(grads, lambda flat: all_reduce_in_place(flat, tp_group))
 
 
 def average_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
     """Average every gradient over `group` (data-parallel replicas), in one all-reduce: DDP's result, for
     modules DDP cannot wrap (a pipeline stage runs several forwards before their backwards)."""
-    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
+
+    def mean(flat: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(flat, group=group)
-        flat /= dist.get_world_size(group)
-        for g, averaged in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(averaged.view_as(g))
+        return flat.div_(dist.get_world_size(group))
+
+    _reduce_flat([local(p.grad) for p in model.parameters() if p.grad is not None], mean)
+
+
+def _reduce_flat(grads: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """`reduce` the gradients as one flat tensor (one collective), the results copied back in place."""
+    if grads:
+        flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
+        for g, reduced in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(reduced.view_as(g))

@@ -337,9 +337,7 @@ class GPT(nn.Module):
         start = kv_caches[0].length if kv_caches else 0
         cp = cp_size(self.cp_group) if context_parallel else 1
         check_seq_len(start + idx.size(1) * cp, self.config.max_seq_len)
-        mask, positions = None, torch.arange(start, start + idx.size(1), device=idx.device)  # all T tokens
-        if cp > 1:  # this CP rank's chunks
-            positions = local_positions(idx.size(1) * cp, cp, cp_rank(self.cp_group), idx.device)
+        mask, positions = None, self._positions(idx.size(1) * cp, start, idx.device, cp)
         if attention_mask is not None:
             mask, positions = self._padding(idx, start, attention_mask)
         tp = tp_size(self.tp_group)
@@ -351,6 +349,13 @@ class GPT(nn.Module):
             kv_cache = None if kv_caches is None else kv_caches[i]
             h = block(h, kv_cache, sequence_parallel, mask, positions, context_parallel)
         return self._norm(h)
+
+    def _positions(self, seq_len: int, start: int, device: torch.device, cp: int) -> torch.Tensor:
+        """The positions of this rank's tokens of `seq_len`-token sequences after `start` cached ones: all of
+        them, or under context parallelism (cp > 1, no cache) this CP rank's chunks."""
+        if cp > 1:
+            return local_positions(seq_len, cp, cp_rank(self.cp_group), device)
+        return torch.arange(start, start + seq_len, device=device)
 
     def _embed(self, idx: torch.Tensor, positions: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
         """Token (and learned position) embeddings, then dropout: `[B, T, E]`, or `[B, T / tp, E]` with
@@ -380,9 +385,7 @@ class GPT(nn.Module):
                 check_sequence_parallel(x.size(1), tp)
         else:
             seq_len = x.size(1) * cp * (tp if sequence_parallel else 1)
-        positions = torch.arange(seq_len, device=x.device)
-        if cp > 1:
-            positions = local_positions(seq_len, cp, cp_rank(self.cp_group), x.device)
+        positions = self._positions(seq_len, 0, x.device, cp)
         h = self._embed(x, positions, sequence_parallel) if self.stage.first else x
         for block in self._decoders.values():
             h = block(h, None, sequence_parallel, None, positions, cp > 1)

@@ -332,11 +332,11 @@ def parallel_dims(parallel: ParallelConfig, world_size: int) -> ParallelDims:
 
 
 def batch_layout(
-    trainer: TrainerConfig, dp: int, replica: str = "parallel.tp", microbatches: int | None = None
+    trainer: TrainerConfig, dp: int, dp_formula: str = "world_size / parallel.tp", microbatches: int | None = None
 ) -> tuple[int, int]:
     """`(micro_batch, grad_accum)` per DP rank for the global `trainer.batch_size` at data-parallel size `dp`.
 
-    `replica` names what dp is world_size divided by (`ParallelDims.model_parallel_names`), for the message.
+    `dp_formula` says what dp is (`ParallelDims.dp_formula`), for the message.
     With pipeline parallelism, `microbatches` (`pipeline_microbatches`) go through the pipeline in one step.
 
     Raises:
@@ -345,7 +345,7 @@ def batch_layout(
     if trainer.batch_size % dp != 0:
         raise ConfigError(
             f"trainer.batch_size = {trainer.batch_size} must be divisible by the data-parallel size "
-            f"dp = {dp} (world_size / {replica if ' x ' not in replica else f'({replica})'})"
+            f"dp = {dp} ({dp_formula})"
         )
     per_rank = trainer.batch_size // dp
     if microbatches is not None:  # pipeline parallelism: one schedule step carries them all
@@ -427,7 +427,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _numbers(cfg)
     _choices(cfg)
     dims = parallel_dims(p, world_size)
-    batch_layout(t, dims.dp, dims.model_parallel_names()[0], pipeline_microbatches(p))
+    batch_layout(t, dims.dp, dims.dp_formula, pipeline_microbatches(p))
     _as_config_error(check_choice, p.pp_schedule, "parallel.pp_schedule", tuple(SCHEDULES))
     _pipeline(cfg)
     _as_config_error(check_gpt, m, p.tp, prefix="model.", tp_name="parallel.tp", vocab_size_optional=True)
@@ -449,11 +449,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             "trainer.mixed_precision = 'fp16' with parallel.dp_shard > 1 is not supported: the loss scaler's "
             "inf checks are per rank; use bf16"
         )
-    if p.pp > 1 and t.mixed_precision == "fp16":
-        raise ConfigError(
-            "trainer.mixed_precision = 'fp16' with parallel.pp > 1 is not supported: the schedule runs backward "
-            "without the loss scaler; use bf16"
-        )
     _as_config_error(check_context_parallel, t.seq_len, p.cp, name="trainer.seq_len")
     if p.sequence_parallel:
         name = "trainer.seq_len" if p.cp == 1 else f"trainer.seq_len / parallel.cp = {t.seq_len} / {p.cp}"
@@ -469,6 +464,11 @@ def _pipeline(cfg: TrainConfig) -> None:
     _as_config_error(stage_layers, m.num_layers, stages, p.pp_layers, names=names)
     if p.pp == 1:
         return
+    if t.mixed_precision == "fp16":
+        raise ConfigError(
+            "trainer.mixed_precision = 'fp16' with parallel.pp > 1 is not supported: the schedule runs backward "
+            "without the loss scaler; use bf16"
+        )
     interleaved = p.pp_schedule in VIRTUAL
     if interleaved and p.pp_virtual_stages < 2:
         raise ConfigError(

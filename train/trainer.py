@@ -178,8 +178,7 @@ class Trainer:
         self.dp_replicate, self.dp_shard = self.dims.dp_replicate, self.dims.dp_shard
         self.fsdp_mesh = self.groups.fsdp_mesh if self.groups else None  # FSDP2 over dp_shard x cp
         self.pp_microbatches = pipeline_microbatches(p)
-        replica = self.dims.model_parallel_names()[0]
-        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size, replica, self.pp_microbatches)
+        self.micro_batch, self.grad_accum = batch_layout(t, self.dp_size, self.dims.dp_formula, self.pp_microbatches)
         self.rank_batch = self.micro_batch * (self.pp_microbatches or 1)  # sequences per forward_backward call
         torch.use_deterministic_algorithms(t.deterministic)  # off again for the next job of a sweep
         if t.deterministic:
@@ -300,7 +299,10 @@ class Trainer:
             self.model.to_empty(device=self.device)
             self.model.reset_parameters(torch.Generator().manual_seed(t.seed), order)
         self.wrapped = self.model  # FSDP2 (in place) or no data parallelism
-        if self.fsdp_mesh is None and self.dp_group is not None and self.stage is None:  # stages: average_gradients
+        plain_dp = self.fsdp_mesh is None and self.dp_group is not None
+        # DDP cannot wrap a pipeline stage (several forwards before their backwards): clip_gradients averages
+        self.average_by_hand = plain_dp and self.stage is not None
+        if plain_dp and not self.average_by_hand:
             self.wrapped = DistributedDataParallel(self.model, process_group=self.dp_group)
         self.memory = memory_report(
             self.model, self.micro_batch, t.seq_len, p.tp, p.cp, p.pp_schedule, self.pp_microbatches or 1
@@ -459,7 +461,7 @@ class Trainer:
         self.accelerator.unscale_gradients()
         if self.model.sequence_parallel:
             sync_replicated_grads(self.model, self.tp_group)  # LayerNorm etc. saw only this rank's tokens
-        if self.stage is not None and self.fsdp_mesh is None and self.dp_group is not None:
+        if self.average_by_hand:
             average_gradients(self.model, self.dp_group)  # DDP's job, which it cannot do for a stage
         pipeline.sync_tied_embeddings(self.model, self.embedding_group)
         skip = pipeline.counted_elsewhere(self.model) if self.stage is not None else set()
@@ -505,10 +507,10 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         with torch.no_grad(), self.accelerator.autocast():
-            for i, (x, y) in enumerate(self.val_batches):
-                if i % self.dp_size == self.dp_rank and self.schedule is not None:
+            for x, y in self.val_batches[self.dp_rank :: self.dp_size]:  # this DP rank's share
+                if self.schedule is not None:
                     total += self.pipeline_step(x, y, train=False)
-                elif i % self.dp_size == self.dp_rank:
+                else:
                     total += self.model(x.to(self.device), y.to(self.device)).float()
         if self.dp_group is not None:
             dist.all_reduce(total, group=self.dp_group)
@@ -635,27 +637,29 @@ class Trainer:
             )
         return result
 
+    def sample(self, model: GPT) -> str:
+        """`trainer.sample_tokens` sampled from `model` after `trainer.sample_prompt` (seeded by `trainer.seed`)."""
+        t = self.conf.trainer
+        prompt = torch.tensor([self.data.tokenizer.encode(t.sample_prompt) or [0]], device=self.device)
+        torch.manual_seed(t.seed)
+        ids = model.generate(prompt, t.sample_tokens, do_sample=True, temperature=0.8, top_k=50)
+        return self.data.tokenizer.decode(ids[0].tolist())
+
     def finish(self) -> dict[str, Any]:
         """Export the model, sample from it, plot the loss; returns the run's summary."""
-        t, p = self.conf.trainer, self.conf.parallel
+        p = self.conf.parallel
         export_dir = self.run_dir / "export"
-        prompt = torch.tensor([self.data.tokenizer.encode(t.sample_prompt) or [0]], device=self.device)
-        sample_options = dict(do_sample=True, temperature=0.8, top_k=50)
         if self.stage is None:
             self.model.save(export_dir)
-            torch.manual_seed(t.seed)
             with gathered(self.model):  # FSDP2 gathers parameters in forward only; generate calls other methods
-                sample_ids = self.model.generate(prompt, t.sample_tokens, **sample_options)
-            sample = self.data.tokenizer.decode(sample_ids[0].tolist())
+                sample = self.sample(self.model)
         else:  # the stages' pieces joined on rank 0, which writes the whole model and samples from it alone
             state, sample = pipeline.gather_stages(self.model, self.pp_group), None
             if self.is_main:
                 write_model(state, self.model_config, export_dir)
                 whole = GPT.from_config(self.model_config).to(self.device)
                 whole.load_state_dict(state)
-                torch.manual_seed(t.seed)
-                sample_ids = whole.generate(prompt, t.sample_tokens, **sample_options)
-                sample = self.data.tokenizer.decode(sample_ids[0].tolist())
+                sample = self.sample(whole)
             sample = broadcast_object(sample)
         if self.is_main and (self.run_dir / "tokenizer.json").is_file():
             shutil.copy(self.run_dir / "tokenizer.json", export_dir / "tokenizer.json")
