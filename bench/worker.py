@@ -18,13 +18,10 @@ import os
 import resource
 import statistics
 import time
-from collections import Counter
 from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from bench.nanogpt import NanoGPT, parallelize_with_dtensor
 from tp_attention.checkpointing import MODES, apply_activation_checkpointing
@@ -32,6 +29,7 @@ from tp_attention.distributed import init_parallel_groups
 from tp_attention.grad_norm import sync_replicated_grads
 from tp_attention.model import GPT, GPTConfig
 from tp_attention.shm import with_shared_memory_groups
+from train.reporting.measure import CollectiveCounter
 
 SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "small": (6, 6, 384, 256, 4),  # nanoGPT shakespeare-char
@@ -40,38 +38,6 @@ SHAPES = {  # name: (layers, heads, width, seq_len, micro-batch)
     "tiny": (2, 2, 64, 64, 2),  # the GPU check's CPU dry run
 }
 VOCAB = 256
-COLLECTIVES = {
-    "allreduce": "all_reduce",
-    "allgather": "all_gather",
-    "allgatherbase": "all_gather",
-    "allgatherintotensor": "all_gather",
-    "reducescatter": "reduce_scatter",
-    "reducescatterbase": "reduce_scatter",
-    "reducescattertensor": "reduce_scatter",
-    "broadcast": "broadcast",
-    "alltoall": "all_to_all",
-}  # op names without "_" -> one name
-
-
-class CollectiveCounter(TorchDispatchMode):
-    """Counts collectives and their payload: c10d's and the functional ones (DTensor's, our async
-    all-reduce) by name, our shared-memory ones as `shm_<name>`. Per call, the bytes of the largest
-    tensor argument (what one rank contributes: the all-reduced tensor, one gathered chunk)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls, self.bytes = Counter(), 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        key = func.__name__.split(".")[0].replace("_", "")
-        name = COLLECTIVES.get(key.removeprefix("shm"))
-        if name and func.namespace in ("c10d", "_c10d_functional", "tp_attention"):
-            self.calls["shm_" + name if func.namespace == "tp_attention" else name] += 1
-            tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
-            self.bytes += max((t.numel() * t.element_size() for t in tensors), default=0)
-        return func(*args, **(kwargs or {}))
-
-
 PROFILE_KINDS = ("matmul", "attention", "communication", "optimizer", "other ops", "untracked")
 
 
@@ -224,7 +190,7 @@ def main() -> None:
     params = {getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for p in model.parameters()}
     activation_mib = sum(n for ptr, n in saved.items() if ptr not in params) / 2**20
     profile_ms = None if args.compile else profile(step, device)  # inductor's fused kernels have no per-op kinds
-    counter = CollectiveCounter()
+    counter = CollectiveCounter(by_transport=True)
     with counter:  # eager: a dispatch mode around a compiled model would make it recompile
         step(model)
     result = {

@@ -210,3 +210,14 @@ def test_pipeline_benchmark_times_every_schedule_against_one_process(tmp_path):
     schedules = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble")
     assert ranks == {(1, "none"): {0}} | {(pp, s): set(range(pp)) for pp in (2, 4) for s in schedules}
     assert len(result["ratios"]) == 8
+
+
+def test_loss_memory_benchmark_runs_both_losses(tmp_path):
+    """A vocabulary of 20,000 and 1,024 tokens in 1 MiB chunks (13 tokens each): the chunked loss holds less."""
+    command = [sys.executable, "-m", "bench.loss_memory", "--vocab", "20000", "--tokens", "1024", "--chunk-mib", "1"]
+    done = subprocess.run([*command, "--steps", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "loss_memory.json").read_text())["rows"]
+    assert rows["whole"]["logits_bytes"] == 1024 * 20000 * 4
+    assert rows["chunked"]["peak_bytes"] < rows["whole"]["peak_bytes"]
+    assert "peak memory: whole" in done.stdout

@@ -57,7 +57,9 @@ def test_help_names_every_command_and_each_has_a_script():
     assert sorted(re.findall(r"python -m train\.(\w+) ", USAGE)) == COMMAND_MODULES
     section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
     scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"', section, flags=re.M))
-    assert scripts == {"tp-train": "train.__main__:main"} | {f"tp-{c}": f"train.{c}:main" for c in COMMAND_MODULES}
+    assert scripts == {"tp-train": "train.__main__:main"} | {
+        f"tp-{c.replace('_', '-')}": f"train.{c}:main" for c in COMMAND_MODULES
+    }
     readme = (ROOT / "README.md").read_text()
     assert all(c in readme for c in COMMAND_MODULES)
 

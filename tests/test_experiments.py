@@ -197,7 +197,7 @@ def test_typos_are_refused_in_one_line(workdir, override):
 def test_help_describes_every_field(workdir):
     done = command([sys.executable, "-m", "train", "--help"], workdir)
     assert done.returncode == 0
-    presets = "  model=gpt2, llama3_1b, llama_tiny, small, tiny"
+    presets = "  model=gpt2, llama3_1b, llama3_70b, llama3_8b, llama_tiny, small, tiny"
     for line in ("  trainer.batch_size: int = 16", "  optim.schedule: str = 'cosine'", presets):
         assert line in done.stdout
     lines = done.stdout.splitlines()

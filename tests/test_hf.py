@@ -216,6 +216,38 @@ LLAMA_3_2_1B = {  # the config.json Meta published with Llama-3.2-1B
     "vocab_size": 128256,
 }
 
+LLAMA_3_1_8B = {  # the config.json Meta published with Llama-3.1-8B (the keys that shape the model)
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "vocab_size": 128256,
+}
+LLAMA_3_1_70B = LLAMA_3_1_8B | {  # Llama-3.1-70B's config.json differs in these
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+}
+
 
 def preset(name: str) -> GPTConfig:
     """The model `python -m train model=<name>` builds (vocab_size is set by these presets)."""
@@ -223,7 +255,15 @@ def preset(name: str) -> GPTConfig:
     return model.gpt_config(model.vocab_size)
 
 
-@pytest.mark.parametrize("name, hf", [("gpt2", lambda: transformers.GPT2Config()), ("llama3_1b", lambda: LLAMA_3_2_1B)])
+@pytest.mark.parametrize(
+    "name, hf",
+    [
+        ("gpt2", lambda: transformers.GPT2Config()),
+        ("llama3_1b", lambda: LLAMA_3_2_1B),
+        ("llama3_8b", lambda: LLAMA_3_1_8B),
+        ("llama3_70b", lambda: LLAMA_3_1_70B),
+    ],
+)
 def test_model_presets_are_the_published_models(name, hf):
     ours = preset(name)
     config = hf() if isinstance(hf(), dict) else hf().to_dict()
@@ -233,7 +273,9 @@ def test_model_presets_are_the_published_models(name, hf):
         theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
         model = GPT.from_config(ours)
     published = sum(p.numel() for p in theirs.parameters())
-    assert model.num_parameters(exclude_position_embeddings=False) == published  # 124,439,808 / 1,235,814,400
+    assert (
+        model.num_parameters(exclude_position_embeddings=False) == published
+    )  # 124,439,808 / 1,235,814,400 / 8,030,261,248 / 70,553,706,496
 
 
 def meta_model_filled(rank, world, directory, idx):

@@ -276,3 +276,18 @@ def test_threaded_process_group_sums_across_threads():
         return t.item()
 
     assert run_threaded(4, run) == [6.0] * 4
+
+
+@pytest.mark.parametrize(
+    "world, sizes, expected",
+    [
+        (16, dict(tp=2, cp=2, pp=2, dp_shard=2), [0, 1, 4, 5, 8, 9, 12, 13]),  # CP peers (0 and 2) hold the same
+        (8, dict(tp=2, cp=2), [0, 1]),  # two batches of cp pairs: the replicas of rank 0 and 1
+        (16, dict(tp=2, dp_shard=4, dp_replicate=2), [0, 1, 6, 7]),
+        (512, dict(tp=8, dp_shard=64), [0, 7, 504, 511]),
+    ],
+)
+def test_distinct_ranks_are_each_stage_s_first_and_last_tp_rank_and_fsdp_shard(world, sizes, expected):
+    """The rank positions whose pieces can differ (`train.dry_run --all-ranks` plays them), in the order
+    `(pp, dp_replicate, dp_shard, cp, tp)` that `ParallelDims.build` lays ranks out in."""
+    assert ParallelDims(world, **sizes).distinct_ranks() == expected

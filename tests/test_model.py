@@ -73,6 +73,75 @@ def test_vocab_parallel_cross_entropy_of_all_ignored_is_nan_like_torch():
     assert torch.isnan(vocab_parallel_cross_entropy(logits, target)) and torch.isnan(F.cross_entropy(logits, target))
 
 
+def chunked_loss(rank, world, vocab, weight, hidden, target, sequence_parallel, chunk_bytes, autocast):
+    """`VocabParallelEmbedding.loss` on this rank's rows of `weight` (and, with sequence parallelism, its tokens);
+    returns the loss, the gradient of its hidden states and of its real rows, and where those rows start."""
+    emb = VocabParallelEmbedding(vocab, weight.size(1), tp_group=dist.group.WORLD)
+    rows = weight[emb.vocab_start : emb.vocab_start + emb.local_real]
+    with torch.no_grad():
+        emb.weight.zero_()[: rows.size(0)] = rows
+    h = (hidden.chunk(world, dim=1)[rank] if sequence_parallel else hidden).clone().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        loss = emb.loss(h, target, -100, sequence_parallel, chunk_bytes)
+    loss.backward()
+    return loss.detach(), h.grad, emb.weight.grad[: rows.size(0)], emb.vocab_start
+
+
+@pytest.mark.parametrize(
+    "tp, vocab, sequence_parallel, chunks, autocast",
+    [
+        (1, 65, False, 1, False),
+        (1, 50257, False, 7, False),
+        (2, 65, True, 7, False),  # 65 at tp=2: one pad row
+        (2, 50257, False, 7, False),
+        (4, 65, False, 7, False),
+        (4, 50257, True, 3, False),
+        (4, 50257, False, 1, False),
+        (2, 50257, False, 7, True),
+        (1, 65, False, 7, True),
+    ],
+)
+def test_chunked_loss_equals_cross_entropy_of_full_logits(tp, vocab, sequence_parallel, chunks, autocast):
+    """Whole chunks, a ragged last one and a single one: loss and gradients equal F.cross_entropy's of the full
+    logits within 1e-6 (fp32) of their largest element, or within bf16's tolerance under autocast."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, emb = 2 * 12, 16  # [2, 12] tokens
+    weight = torch.randn(vocab, emb, generator=gen) * 0.5
+    hidden = torch.randn(2, 12, emb, generator=gen)
+    target = torch.randint(0, vocab, (2, 12), generator=gen)
+    target[0, 3:5] = -100
+    local_vocab = -(-vocab // tp)
+    chunk_bytes = 4 * local_vocab * -(-tokens // chunks)  # so many tokens per chunk that `chunks` chunks run
+    w, h = weight.clone().requires_grad_(), hidden.clone().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        logits = h @ w.t()
+    expected = F.cross_entropy(logits.float().view(-1, vocab), target.view(-1))
+    expected.backward()
+    tol = (lambda e: BF16) if autocast else (lambda e: dict(rtol=1e-6, atol=1e-6 * e.abs().max().item()))
+    for rank, (loss, grad_h, grad_w, start) in enumerate(
+        run_threaded(tp, chunked_loss, vocab, weight, hidden, target, sequence_parallel, chunk_bytes, autocast)
+    ):
+        mine = h.grad.chunk(tp, dim=1)[rank] if sequence_parallel else h.grad
+        assert_close(loss, expected.detach(), **tol(expected), what="loss")
+        assert_close(grad_h, mine, **tol(mine), what="grad of hidden")
+        assert_close(grad_w, w.grad[start : start + grad_w.size(0)], **tol(w.grad), what="grad of weight")
+
+
+def test_chunked_gpt_loss_equals_one_chunk():
+    """The GPT's loss and gradients do not depend on the chunk size (1e-6 of each tensor's largest element; a
+    1e-9 floor for the tensors that are zero in exact arithmetic, which keep ~1e-11 of rounding)."""
+    idx, targets = gpt_batch(CASES["vocab65"], seq=11)
+    grads = []
+    for chunk_bytes in (2**30, 4 * 65 * 5):  # one chunk; 5 tokens a chunk
+        model = GPT(**CASES["vocab65"], generator=torch.Generator().manual_seed(0)).eval()
+        model.loss_chunk_bytes = chunk_bytes
+        loss = model(idx, targets)
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for one, chunked in zip(*grads, strict=True):
+        assert_close(chunked, one, rtol=1e-6, atol=1e-6 * one.abs().max().item() + 1e-9)
+
+
 def init_full(rank, world, seed):
     gen = torch.Generator().manual_seed(seed)
     return full_state_dict(GPT(**CASES["gqa"], tp_group=dist.group.WORLD, generator=gen))

@@ -210,3 +210,21 @@ def test_the_memory_report_counts_this_rank_s_tensors_and_checkpointed_blocks():
     plain = memory_report(model, 4, 16, 1)["activations"]
     apply_activation_checkpointing(model, "full")
     assert memory_report(model, 4, 16, 1)["activations"] < plain
+
+
+def test_the_memory_report_counts_one_chunk_of_the_loss_s_logits():
+    """The loss builds `trainer.loss_chunk_mib` of fp32 logits at a time (thrice: logits, probabilities, their
+    gradient), or all tokens' where they fit in one chunk; not the whole `[tokens, V / tp]`."""
+    from tp_attention.config import GPTConfig
+    from train.reporting.memory import activation_bytes
+
+    cfg = GPTConfig(vocab_size=128256, emb_size=64, num_heads=2, head_size=32, num_layers=1)
+    for tp in (1, 4):
+        local_vocab = 128256 // tp
+        blocks = activation_bytes(cfg, 2, 2048, tp, logits=False)
+        chunk = 256 * 2**20 // (4 * local_vocab)  # tokens per 256 MiB chunk: 523 at tp=1
+        assert activation_bytes(cfg, 2, 2048, tp) - blocks == 3 * 4 * chunk * local_vocab <= 3 * 256 * 2**20
+        one_chunk = activation_bytes(cfg, 2, 8, tp) - activation_bytes(cfg, 2, 8, tp, logits=False)
+        assert one_chunk == 3 * 4 * 16 * local_vocab  # 16 tokens fit in one chunk
+        smaller = activation_bytes(cfg, 2, 2048, tp, loss_chunk_bytes=2**20) - blocks
+        assert smaller == 3 * 4 * (2**20 // (4 * local_vocab)) * local_vocab

@@ -173,6 +173,15 @@ class ParallelDims:
         """Ranks that see different batches: dp_replicate x dp_shard."""
         return self.world_size // self.model_parallel_size
 
+    def distinct_ranks(self) -> list[int]:
+        """One rank of every position whose pieces can differ in size: each pipeline stage, its first and last TP
+        rank (a padded vocabulary's last rows), its first and last FSDP2 shard (FSDP2 pads the last). CP ranks
+        and replicas hold what the first of them holds. Ranks are `(pp, dp_replicate, dp_shard, cp, tp)`-ordered."""
+        shards = self.dp_shard
+        grid = torch.arange(self.world_size).reshape(self.pp, self.dp // shards, shards, self.cp, self.tp)
+        picked = {int(grid[s, 0, d, 0, t]) for s in range(self.pp) for d in {0, shards - 1} for t in {0, self.tp - 1}}
+        return sorted(picked)
+
     def build(self, device_type: str) -> ParallelGroups:
         """Every mesh and group of this layout: a collective (every rank calls it, the process group up).
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from tp_attention.attention import KVCache, MultiHeadAttention
@@ -43,7 +44,7 @@ from tp_attention.layers import (
 from tp_attention.rope import RotaryEmbedding
 from tp_attention.shapes import check_context_parallel, check_gpt, check_seq_len, check_sequence_parallel
 from tp_attention.state_dict import full_shapes, full_state_dict, rename_old_keys
-from tp_attention.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from tp_attention.vocab import LOSS_CHUNK_BYTES, VocabParallelEmbedding
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT
 
@@ -247,6 +248,7 @@ class GPT(nn.Module):
             )
         )
         self.stage = None  # a pipeline stage's part only (tp_attention.pipeline.split_model)
+        self.loss_chunk_bytes = LOSS_CHUNK_BYTES  # the loss's logits are built this many bytes at a time
 
     @classmethod
     def from_config(
@@ -299,6 +301,8 @@ class GPT(nn.Module):
         bad = (ids < 0) | (ids >= self.config.vocab_size)
         if allowed_extra is not None:
             bad &= ids != allowed_extra
+        if is_fake(bad):  # under FakeTensorMode (train.dry_run): shapes without values
+            return
         if bad.any():
             value = ids[bad][0].item()
             raise ValueError(f"{what} holds id {value} outside the vocabulary [0, {self.config.vocab_size})")
@@ -370,8 +374,8 @@ class GPT(nn.Module):
     def _stage_forward(self, x: torch.Tensor) -> torch.Tensor:
         """One pipeline stage's part of the training forward (`tp_attention.pipeline`): token ids `[B, T]` on
         the first stage, the previous stage's hidden states after; returns the hidden states for the next stage
-        (`[B, T / cp, E]`, `/ tp` more with sequence parallelism), on the last stage this rank's vocabulary
-        shard of the logits `[B, T / cp, V_local]` (the loss is the schedule's `loss_fn`)."""
+        (`[B, T / cp, E]`, `/ tp` more with sequence parallelism), on the last stage those after the final norm:
+        the schedule's `loss_fn` (`tp_attention.pipeline.stage_loss`) applies the LM head chunk by chunk."""
         tp, cp = tp_size(self.tp_group), cp_size(self.cp_group)
         sequence_parallel = self.sequence_parallel and tp > 1
         if self.stage.first:
@@ -389,9 +393,16 @@ class GPT(nn.Module):
         h = self._embed(x, positions, sequence_parallel) if self.stage.first else x
         for block in self._decoders.values():
             h = block(h, None, sequence_parallel, None, positions, cp > 1)
-        if not self.stage.last:
-            return h
-        return self.output_embeddings.logits(self._norm(h), sequence_parallel)
+        return self._norm(h) if self.stage.last else h
+
+    def _stage_loss(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """The last pipeline stage's loss of its output `hidden` (`_stage_forward`'s) against `targets` `[B, T]`:
+        the LM head and cross-entropy chunk by chunk, over this CP rank's tokens. A forward of the module, so
+        FSDP2 gathers the head for it (the schedule's `loss_fn` calls it: `tp_attention.pipeline.stage_loss`)."""
+        if cp_size(self.cp_group) > 1:
+            targets = shard_sequence(targets, self.cp_group)
+        head = self.output_embeddings
+        return head.loss(hidden, targets, ignore_index, self.sequence_parallel, self.loss_chunk_bytes)
 
     def forward(
         self,
@@ -404,9 +415,9 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Without `targets`: full logits `[B, T, vocab_size]` on every rank (gathered; for inference).
 
-        With `targets` `[B, T]`: the mean next-token cross-entropy, computed from vocab-sharded
-        logits (the full logits are never built); targets equal to `ignore_index` are skipped. Only this
-        training forward uses sequence and context parallelism (when the model was built with them);
+        With `targets` `[B, T]`: the mean next-token cross-entropy, computed from vocab-sharded logits
+        `self.loss_chunk_bytes` at a time (`VocabParallelEmbedding.loss`); targets equal to `ignore_index` are
+        skipped. Only this training forward uses sequence and context parallelism (when the model was built with them);
         under context parallelism it is the mean over this CP rank's tokens (see the class docstring).
 
         `attention_mask` `[B, T_cached + T]` (1 = token, 0 = padding, Hugging Face's convention): padded
@@ -417,8 +428,8 @@ class GPT(nn.Module):
             TypeError / ValueError: ids that are not integers in the vocabulary, mismatched shapes, or a
                 mask that is not 0/1 of shape `[B, T_cached + T]`.
         """
-        if self.stage is not None:
-            return self._stage_forward(idx)
+        if self.stage is not None:  # with targets: the pipeline's loss, `idx` the last stage's output
+            return self._stage_forward(idx) if targets is None else self._stage_loss(idx, targets, ignore_index)
         head = self.output_embeddings
         if targets is None:
             return head.gather_logits(head.logits(self._hidden(idx, kv_caches, attention_mask=attention_mask)))
@@ -435,8 +446,7 @@ class GPT(nn.Module):
             check_context_parallel(idx.size(1), cp_size(self.cp_group), "idx's seq_len")
             idx, targets = shard_sequence(idx, self.cp_group), shard_sequence(targets, self.cp_group)
         hidden = self._hidden(idx, kv_caches, sequence_parallel, attention_mask, context_parallel)
-        local_logits = head.logits(hidden, sequence_parallel)  # (B, T, V_local)
-        return vocab_parallel_cross_entropy(local_logits, targets, head.vocab_start, ignore_index, self.tp_group)
+        return head.loss(hidden, targets, ignore_index, sequence_parallel, self.loss_chunk_bytes)  # chunk by chunk
 
     def new_kv_caches(self) -> list[KVCache]:
         """Empty per-layer KV caches (this rank's heads only) for incremental decoding."""

@@ -10,8 +10,9 @@
     schedule.step(*([idx] if model.stage.first else []), target=targets if model.stage.last else None, losses=[])
 
 torchtitan's split: the first stage holds the token (and position) embedding, the last the final norm and the
-LM head; every stage its consecutive blocks. The last stage returns its vocabulary shard of the logits and the
-schedule's `loss_fn` is the vocab-parallel cross-entropy, so the full logits are never built. A tied LM head is
+LM head; every stage its consecutive blocks. The last stage returns its final-norm hidden states and the
+schedule's `loss_fn` applies the LM head and the vocab-parallel cross-entropy chunk by chunk, so no more than one
+chunk of tokens' logits is ever built. A tied LM head is
 the token embedding: the first and the last stage then each hold the table, and `sync_tied_embeddings` sums
 their gradients over the group of those two stages before the optimizer step (Megatron-core's embedding
 group), so both copies stay equal. Parameter names are the whole model's (`_decoders.5...` on the stage that
@@ -35,12 +36,10 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
-from tp_attention.context import cp_size, shard_sequence
 from tp_attention.fsdp import local
 from tp_attention.model import GPT
 from tp_attention.shapes import check_int
 from tp_attention.state_dict import full_state_dict
-from tp_attention.vocab import vocab_parallel_cross_entropy
 
 SCHEDULES = {  # torch's: one stage per rank, or (interleaved) parallel.pp_virtual_stages of them
     "gpipe": ScheduleGPipe,
@@ -152,14 +151,12 @@ def split_model(model: GPT, stage: Stage) -> list[nn.Module]:
 
 
 def stage_loss(model: GPT, ignore_index: int = -100) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The last stage's loss: `loss_fn(local_logits [B, T / cp, V_local], targets [B, T])` the vocab-parallel
-    cross-entropy (each CP rank's targets are its tokens'), the mean over the micro-batch's tokens."""
+    """The last stage's loss: `loss_fn(hidden [B, T / cp, E], targets [B, T])` is `model(hidden, targets)`, the
+    LM head and vocab-parallel cross-entropy chunk by chunk (`GPT._stage_loss`), the mean over the micro-batch's
+    tokens. A call of the module, so that FSDP2 gathers the head's weight for it."""
 
-    def loss_fn(local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if cp_size(model.cp_group) > 1:
-            targets = shard_sequence(targets, model.cp_group)
-        head = model.output_embeddings
-        return vocab_parallel_cross_entropy(local_logits, targets, head.vocab_start, ignore_index, model.tp_group)
+    def loss_fn(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return model(hidden, targets, ignore_index=ignore_index)
 
     return loss_fn
 
@@ -187,10 +184,17 @@ def build_schedule(
     microbatches: int,
     group: dist.ProcessGroup,
     device: torch.device,
+    examples: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """torch's schedule `schedule` (`SCHEDULES`) over `microbatches` for this rank's `stages`: `modules` are
     what runs, one per stage (`stage_views`, or the stage's GPT itself), `model` the rank's GPT. Gradients are
     the mean over the micro-batches (`scale_grads`), as one process accumulating them computes.
+
+    torch's stages infer the shapes they exchange from the first micro-batch, with their neighbours. `examples`,
+    one micro-batch's token ids `[B, T]` and hidden states between stages `[B, T / cp, E]` (`/ tp` more under
+    sequence parallelism), give them instead: the first stage takes the ids, the others the hidden states, and
+    every stage returns hidden states; nothing is exchanged before the first step (what a rank played alone,
+    `train.dry_run`, needs).
 
     Raises:
         ValueError: an unknown schedule, or one stage for an interleaved one (several for the others).
@@ -199,10 +203,14 @@ def build_schedule(
         raise ValueError(f"pipeline schedule = {schedule!r} must be one of {', '.join(SCHEDULES)}")
     if (schedule in VIRTUAL) != (len(stages) > 1):
         raise ValueError(f"pipeline schedule = {schedule!r} cannot run {len(stages)} stage(s) per rank")
-    pipeline_stages = [
-        PipelineStage(module, stage.index, stage.num_stages, device, group=group)
-        for module, stage in zip(modules, stages, strict=True)
-    ]
+    pipeline_stages = []
+    for module, stage in zip(modules, stages, strict=True):
+        shapes = {}
+        if examples is not None:
+            ids, hidden = examples  # gradients have the hidden states' shape: received unless last, sent unless first
+            shapes = dict(input_args=ids if stage.first else hidden, output_args=hidden)
+            shapes |= dict(output_grads=None if stage.last else hidden, input_grads=None if stage.first else hidden)
+        pipeline_stages.append(PipelineStage(module, stage.index, stage.num_stages, device, group=group, **shapes))
     held = pipeline_stages if schedule in VIRTUAL else pipeline_stages[0]
     return SCHEDULES[schedule](held, microbatches, loss_fn=stage_loss(model), scale_grads=True)
 

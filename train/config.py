@@ -199,6 +199,7 @@ class TrainerConfig:
         "none", "none | full (every block) | selective (every activation_checkpointing_every-th): recompute in backward"
     )
     activation_checkpointing_every: int = opt(2, "selective: checkpoint blocks 0, k, 2k, ... for this k")
+    loss_chunk_mib: int = opt(256, "the loss builds the vocab-sharded fp32 logits at most this many MiB at a time")
     compile: bool = opt(False, "torch.compile the model for training")
     compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to debug)")
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms (and CUBLAS_WORKSPACE_CONFIG on GPU)")
@@ -282,6 +283,7 @@ INTEGERS = {  # every integer field: (least, most) allowed; None fields (optiona
             "keep_checkpoints",
             "max_bad_steps",
             "activation_checkpointing_every",
+            "loss_chunk_mib",
         )
     },
     "trainer.seed": (0, 2**32 - 1),  # numpy's generators take no negative seed

@@ -24,6 +24,7 @@ Other commands (--help each):
   python -m train.rerun     repeat a run from its run.json
   python -m train.status    the state of the run a command line would use
   python -m train.memory    the per-rank memory of a layout, before it runs
+  python -m train.dry_run   play one rank of an N-rank job on the fake backend: its groups, bytes, collectives
 """
 
 

@@ -24,6 +24,21 @@ from train.run.preemption import Preempted
 from train.trainer import Trainer
 
 
+def prepare(cfg: DictConfig, world_size: int) -> TrainConfig:
+    """The job's typed config: accelerate's layout and `model.init_from`'s shape read into `cfg` (in place), then
+    every rule checked for `world_size` ranks (also what `train.dry_run` plays).
+
+    Raises:
+        ConfigError: naming the bad value and the rule.
+    """
+    overrides = list(HydraConfig.get().overrides.task)
+    apply_accelerate_layout(cfg, overrides)
+    apply_init_from(cfg, overrides)
+    conf: TrainConfig = OmegaConf.to_object(cfg)
+    validate(conf, world_size)
+    return conf
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns a summary (final losses and where the outputs are).
 
@@ -33,11 +48,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             steps in a row, a full disk.
         Preempted: SIGTERM or SIGINT; the checkpoint of the last step was saved first.
     """
-    overrides = list(HydraConfig.get().overrides.task)
-    apply_accelerate_layout(cfg, overrides)
-    apply_init_from(cfg, overrides)
-    conf: TrainConfig = OmegaConf.to_object(cfg)
-    validate(conf, int(os.environ.get("WORLD_SIZE", "1")))
+    conf = prepare(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     timeout_s = conf.parallel.timeout_s
     trainer = None
     try:

@@ -36,6 +36,7 @@ def main() -> None:
         every=t.activation_checkpointing_every,
         dp_shard=shards,
         cp=p.cp,
+        loss_chunk_bytes=t.loss_chunk_mib * 2**20,
     )
     where = f"tp {p.tp} x cp {p.cp} x dp_shard {p.dp_shard}, micro-batch {micro} x {t.seq_len} tokens"
     where += f" ({t.seq_len // p.cp} per rank)"

@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from omegaconf import DictConfig, OmegaConf
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.parallel import DistributedDataParallel
 
 from tp_attention import pipeline
@@ -55,6 +57,7 @@ from train.config import (
 )
 from train.data.corpus import eval_batches, prepare_data, step_batch
 from train.reporting.flops import measure_peak_flops, mfu
+from train.reporting.measure import StepMeasure
 from train.reporting.memory import check_activation_memory, memory_report
 from train.reporting.memory import describe as describe_memory
 from train.reporting.metrics import Metrics
@@ -142,10 +145,23 @@ class LogWindow:
 
 
 class Trainer:
-    """One training run, set up in `__init__` (a collective: every rank builds one). Call `close()` at the end."""
+    """One training run, set up in `__init__` (a collective: every rank builds one). Call `close()` at the end.
 
-    def __init__(self, conf: TrainConfig, cfg: DictConfig, hydra_dir: Path) -> None:
-        self.conf, self.cfg = conf, cfg
+    For a rank played alone (`train.dry_run`): with `fake`, the parameters are that mode's fake tensors (shapes
+    without memory or values; nothing is drawn or read) and the activation check against this machine's memory
+    is left to the caller, who checks the target device's; `alone` (always, for the dry run) gives pipeline stages
+    the shapes they exchange (`stage_examples`) instead of asking their neighbours, and leaves out the check of
+    the output directory's free space (the job's disk is not this machine's)."""
+
+    def __init__(
+        self,
+        conf: TrainConfig,
+        cfg: DictConfig,
+        hydra_dir: Path,
+        fake: FakeTensorMode | None = None,
+        alone: bool = False,
+    ) -> None:
+        self.conf, self.cfg, self.fake, self.alone = conf, cfg, fake, alone
         self.groups, self.lock, self.stop = None, None, StopFlag()
         self._setup_parallel(hydra_dir)
         self._setup_data()
@@ -171,6 +187,7 @@ class Trainer:
         self.pp_group = self.groups.pp_group if self.groups else None
         self.embedding_group = self.groups.embedding_group if self.groups else None
         self.stage = None  # this rank's pipeline stage (set with the model when parallel.pp > 1)
+        self.stages: list[pipeline.Stage] = []  # and the pipeline stages it is made of (several: interleaved)
         # replicas: every rank holding this TP shard (losses and gradients average over them); dp: distinct batches
         self.replicas, self.replica_rank = (self.groups.dp_size, self.groups.dp_rank) if self.groups else (1, 0)
         self.dp_size, self.dp_rank = (self.groups.batch_ranks, self.groups.batch_rank) if self.groups else (1, 0)
@@ -203,6 +220,8 @@ class Trainer:
             if use_parallelism_config is not None:
                 os.environ["ACCELERATE_USE_PARALLELISM_CONFIG"] = use_parallelism_config
         self.rank, self.device = self.accelerator.process_index, self.accelerator.device
+        if self.fake is not None:  # fake tensors compare devices exactly: accelerate's "cpu:0" is not FSDP2's "cpu"
+            self.device = torch.device(self.device.type)
         self.is_main = self.rank == 0
         setup_logging(self.run_dir, self.rank)
         if self.accelerator.torch_device_mesh is not None:
@@ -242,7 +261,11 @@ class Trainer:
         mode, every = t.activation_checkpointing, t.activation_checkpointing_every
         recomputed = sum(is_recomputed(i, mode, every) for i in range(m.num_layers))
         p = self.conf.parallel
-        check_activation_memory(self.model_config, self.micro_batch, t.seq_len, p.tp, self.device, recomputed, p.cp)
+        if self.fake is None:  # a dry run checks the device it plans for instead
+            chunk = t.loss_chunk_mib * 2**20
+            check_activation_memory(
+                self.model_config, self.micro_batch, t.seq_len, p.tp, self.device, recomputed, p.cp, chunk
+            )
         log.info(
             "data %s: %d train / %d val tokens, vocab %d",
             self.data.directory,
@@ -263,6 +286,7 @@ class Trainer:
             self.model = GPT.from_config(
                 self.model_config, tp_group=self.tp_group, sequence_parallel=p.sequence_parallel, cp_group=self.cp_group
             )
+        self.model.loss_chunk_bytes = t.loss_chunk_mib * 2**20
         self.num_parameters = self.model.num_parameters()  # the whole model's, before a stage keeps its part
         self.all_parameters = self.model.num_parameters(exclude_position_embeddings=False)
         whole = list(self.model.state_dict())  # its tensors' names, which a stage's weights file also holds
@@ -288,20 +312,24 @@ class Trainer:
             log.info(
                 "activation checkpointing: %d of %d blocks recompute in backward", recomputed, len(self.model._decoders)
             )  # of this stage's, under pipeline parallelism
-        if init_from:
+        if init_from and self.fake is None:
             load_weights(self.model, Path(init_from).expanduser(), whole=whole)  # this rank's TP slices
             self.model.to(self.device)
             log.info("weights from %s", init_from)
         if self.fsdp_mesh is not None:  # parameters, gradients and AdamW state: 1 / dp_shard of the TP shard
             bf16 = torch.bfloat16 if t.mixed_precision == "bf16" else None  # gathered in bf16, reduced in fp32
             shard_data_parallel(self.model, self.fsdp_mesh, param_dtype=bf16)  # on meta without init_from
-        if not init_from:  # each rank draws the full tensors chunk by chunk and keeps its pieces
+        if self.fake is not None:
+            with self.fake:
+                self.model.to_empty(device=self.device)
+        elif not init_from:  # each rank draws the full tensors chunk by chunk and keeps its pieces
             self.model.to_empty(device=self.device)
             self.model.reset_parameters(torch.Generator().manual_seed(t.seed), order)
         self.wrapped = self.model  # FSDP2 (in place) or no data parallelism
         plain_dp = self.fsdp_mesh is None and self.dp_group is not None
-        # DDP cannot wrap a pipeline stage (several forwards before their backwards): clip_gradients averages
-        self.average_by_hand = plain_dp and self.stage is not None
+        # DDP cannot wrap a pipeline stage (several forwards before their backwards), nor fake tensors (its C++
+        # reducer reads their data): clip_gradients then averages, as DDP would
+        self.average_by_hand = plain_dp and (self.stage is not None or self.fake is not None)
         if plain_dp and not self.average_by_hand:
             self.wrapped = DistributedDataParallel(self.model, process_group=self.dp_group)
         self.memory = memory_report(
@@ -327,8 +355,16 @@ class Trainer:
         self.schedule = None  # pipeline parallelism: torch's schedule runs forward and backward
         if self.stage is not None:
             modules = [self.wrapped] if len(self.stages) == 1 else pipeline.stage_views(self.model, self.stages)
+            examples = self.stage_examples() if self.alone else None
             self.schedule = pipeline.build_schedule(
-                modules, self.model, self.stages, p.pp_schedule, self.pp_microbatches, self.pp_group, self.device
+                modules,
+                self.model,
+                self.stages,
+                p.pp_schedule,
+                self.pp_microbatches,
+                self.pp_group,
+                self.device,
+                examples,
             )
         self._start_trackers()
         self.metrics = Metrics(self.run_dir, self.accelerator, self.is_main)
@@ -336,6 +372,17 @@ class Trainer:
         self.guard = DivergenceGuard(
             self.conf.trainer.max_bad_steps, self.conf.trainer.spike_factor, self.model_config.vocab_size
         )
+
+    def stage_examples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's token ids `[B, T]` and hidden states between pipeline stages `[B, T / cp, E]` (`/ tp`
+        more under sequence parallelism; bf16 when FSDP2 gathers bf16 weights), fake tensors under `fake`."""
+        t, p = self.conf.trainer, self.conf.parallel
+        tokens = t.seq_len // p.cp // (p.tp if self.model.sequence_parallel and p.tp > 1 else 1)
+        bf16 = self.fsdp_mesh is not None and t.mixed_precision == "bf16"
+        with self.fake or nullcontext():
+            ids = torch.zeros(self.micro_batch, t.seq_len, dtype=torch.long, device=self.device)
+            hidden = torch.zeros(self.micro_batch, tokens, self.model_config.emb_size, device=self.device)
+        return ids, hidden.to(torch.bfloat16 if bf16 else hidden.dtype)
 
     def _resume(self) -> None:
         """Continue from the checkpoint `trainer.resume` names (or this run dir's newest), if any."""
@@ -372,7 +419,8 @@ class Trainer:
         if self.is_main and (self.data.directory / "tokenizer.json").is_file():
             shutil.copy(self.data.directory / "tokenizer.json", self.run_dir / "tokenizer.json")
         checkpoint_bytes = 12 * self.all_parameters  # weights + 2 moments
-        on_main(check_output_space, self.run_dir, checkpoint_bytes, t.keep_checkpoints)
+        if not self.alone:
+            on_main(check_output_space, self.run_dir, checkpoint_bytes, t.keep_checkpoints)
 
     def _setup_measures(self) -> None:
         """Tokens and model FLOPs per step, and the matmul peak (for MFU)."""
@@ -501,6 +549,25 @@ class Trainer:
             torch.cuda.synchronize()
         return StepResult(step + 1, loss, norm, bad, stop, lr, time.perf_counter() - start)
 
+    def measured_step(self, step: int) -> StepResult:
+        """`train_step(step)`, its memory and collectives measured (`train.reporting.measure`) and every rank's
+        written to `run.json` as `measured` (in rank order). `train` measures the run's first step, or under
+        pipeline parallelism its second when there is one: in the first, torch's stages also infer the shapes
+        they exchange (a forward of one micro-batch, alive while the step's own run, and a few messages). Under
+        `trainer.compile` the step runs unmeasured (a dispatch mode around a compiled model recompiles it)."""
+        if self.conf.trainer.compile:
+            return self.train_step(step)
+        with StepMeasure(self.model, self.optimizer) as measure:
+            result = self.train_step(step)
+        self.measured = measure.report()
+        ranks = [self.measured]
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, self.measured)
+        if self.is_main:
+            add_to_run_record(self.run_dir, measured={"step": step + 1, "ranks": ranks})
+        return result
+
     def evaluate(self) -> float:
         """Mean validation loss over the fixed validation batches (split over DP ranks; each CP rank's share of
         a batch is its tokens' mean, so the sum over the replicas counts every batch cp times)."""
@@ -577,11 +644,13 @@ class Trainer:
         if self.is_main:
             write_status(self.run_dir, "running", self.step)
         self.stop.install()
+        first = self.step
+        measured = first + int(self.schedule is not None and first + 1 < t.max_steps)  # see measured_step
         try:
-            for step in range(self.step, t.max_steps):
+            for step in range(first, t.max_steps):
                 profiler.before(step + 1)
                 with phase(f"training step {step + 1}", self.conf.parallel.timeout_s):
-                    result = self.train_step(step)
+                    result = self.measured_step(step) if step == measured else self.train_step(step)
                 profiler.after(step + 1)
                 self.step = result.done
                 self.stop.step_grace_s = max(self.stop.step_grace_s, 3 * result.seconds)

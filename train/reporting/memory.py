@@ -19,6 +19,7 @@ from tp_attention.fsdp import local
 from tp_attention.model import GPT
 from tp_attention.pipeline import Stage, in_flight, rank_part, rank_stages, split_model, stage_layers
 from tp_attention.testing import run_threaded
+from tp_attention.vocab import LOSS_CHUNK_BYTES, loss_chunk_tokens
 from train.config import ConfigError
 
 ADAMW_MOMENTS = 2
@@ -34,11 +35,13 @@ def activation_bytes(
     cp: int = 1,
     layers: int | None = None,
     logits: bool = True,
+    loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
 ) -> int:
     """About the bytes one rank's forward keeps for backward, for its `seq_len / cp` tokens: per token and
     layer, the norm, residual and projection outputs (6 E), the local Q/K/V and attention output (4 E / tp), the
     MLP's hidden activations (2 or, SwiGLU, 3 of them, / tp) and the attention probabilities (H T / tp, where
-    SDPA keeps them; ring attention keeps one log-sum-exp per head instead); the vocab-sharded logits thrice.
+    SDPA keeps them; ring attention keeps one log-sum-exp per head instead); and the loss's fp32 vocab-sharded
+    logits of one chunk of tokens (`loss_chunk_bytes`, or all tokens where they fit in one), thrice.
     A `recomputed` block (activation checkpointing) keeps only its input (E), plus one block's activations while
     it is recomputed. A pipeline stage keeps its `layers` (default all) and, on the last stage only, the `logits`."""
     mlp = (3 if cfg.activation == "swiglu" else 2) * cfg.hidden_size
@@ -46,8 +49,10 @@ def activation_bytes(
     per_layer = (6 + 4 / tp) * cfg.emb_size + mlp / tp + attention
     layers = cfg.num_layers if layers is None else layers
     kept = (layers - recomputed) * per_layer + recomputed * cfg.emb_size + (per_layer if recomputed else 0)
-    per_token = kept + (3 * cfg.vocab_size / tp if logits else 0)
-    return int(element_size * micro_batch * seq_len // cp * per_token)
+    tokens = micro_batch * seq_len // cp
+    local_vocab = -(-cfg.vocab_size // tp)
+    chunk = min(tokens, loss_chunk_tokens(local_vocab, loss_chunk_bytes)) if logits else 0
+    return int(element_size * tokens * kept) + 3 * 4 * chunk * local_vocab
 
 
 def available_memory(device: torch.device) -> int:
@@ -60,7 +65,14 @@ def available_memory(device: torch.device) -> int:
 
 
 def check_activation_memory(
-    cfg: GPTConfig, micro_batch: int, seq_len: int, tp: int, device: torch.device, recomputed: int = 0, cp: int = 1
+    cfg: GPTConfig,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    device: torch.device,
+    recomputed: int = 0,
+    cp: int = 1,
+    loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
 ) -> None:
     """Refuse a micro-batch whose activations cannot fit (with `recomputed` checkpointed blocks), before
     anything is allocated.
@@ -68,7 +80,9 @@ def check_activation_memory(
     Raises:
         ConfigError: naming the estimate and the memory available.
     """
-    need = activation_bytes(cfg, micro_batch, seq_len, tp, recomputed=recomputed, cp=cp)
+    need = activation_bytes(
+        cfg, micro_batch, seq_len, tp, recomputed=recomputed, cp=cp, loss_chunk_bytes=loss_chunk_bytes
+    )
     try:
         free = available_memory(device)
     except (OSError, KeyError, ValueError):  # no /proc/meminfo: nothing to compare with
@@ -107,6 +121,7 @@ def memory_report(
             cp=cp,
             layers=len(model._decoders),
             logits=stage is None or stage.last,
+            loss_chunk_bytes=model.loss_chunk_bytes,
         )
     )
     report = {"parameters": params, "gradients": params, "optimizer": ADAMW_MOMENTS * fp32, "activations": activations}
@@ -131,9 +146,11 @@ def _meta_report(
     stage: Stage | None,
     schedule: str,
     microbatches: int,
+    loss_chunk_bytes: int,
 ) -> dict[str, int]:
     with torch.device("meta"):
         model = GPT.from_config(cfg, tp_group=dist.group.WORLD if world > 1 else None)
+    model.loss_chunk_bytes = loss_chunk_bytes
     if stage is not None:
         split_model(model, stage)
     apply_activation_checkpointing(model, mode, every)
@@ -152,13 +169,14 @@ def layout_report(
     stage: Stage | None = None,
     schedule: str = "1f1b",
     microbatches: int = 1,
+    loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
 ) -> dict[str, int]:
     """The report of rank 0 at tp `tp`, from meta-device models (no memory used); with FSDP2 over
     `dp_shard` ranks, parameters, gradients and AdamW state are `1 / dp_shard` of that (FSDP2 pads each
     parameter's split dim to a multiple of dp_shard: at most one row, or column, per parameter more); with
     context parallelism each rank's activations are those of `seq_len / cp` tokens; with pipeline parallelism,
     those of pipeline `stage` (`stage_reports`)."""
-    options = (cfg, micro_batch, seq_len, mode, every, cp, stage, schedule, microbatches)
+    options = (cfg, micro_batch, seq_len, mode, every, cp, stage, schedule, microbatches, loss_chunk_bytes)
     report = _meta_report(0, 1, *options) if tp == 1 else run_threaded(tp, _meta_report, *options)[0]
     report = {k: v if k == "activations" else -(-v // dp_shard) for k, v in report.items() if k != "total"}
     return report | {"total": sum(report.values())}
