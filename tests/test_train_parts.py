@@ -228,3 +228,17 @@ def test_the_memory_report_counts_one_chunk_of_the_loss_s_logits():
         assert one_chunk == 3 * 4 * 16 * local_vocab  # 16 tokens fit in one chunk
         smaller = activation_bytes(cfg, 2, 2048, tp, loss_chunk_bytes=2**20) - blocks
         assert smaller == 3 * 4 * (2**20 // (4 * local_vocab)) * local_vocab
+
+
+def test_the_loss_chunk_size_is_a_memory_knob_not_another_experiment():
+    """`trainer.loss_chunk_mib` changes how the loss is computed, not what: the run directory (the experiment's
+    fingerprint) does not depend on it, so a run started before the knob existed continues."""
+    from hydra import compose, initialize_config_dir
+
+    from train.config import CONF_DIR, register
+    from train.run.identity import experiment, fingerprint
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        default, chunked = (compose("config", overrides) for overrides in ([], ["trainer.loss_chunk_mib=1"]))
+    assert fingerprint(experiment(default)) == fingerprint(experiment(chunked))

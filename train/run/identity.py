@@ -42,6 +42,7 @@ RESUMABLE = frozenset(
         "trainer.compile",
         "trainer.activation_checkpointing",
         "trainer.activation_checkpointing_every",
+        "trainer.loss_chunk_mib",
         "trainer.compile_backend",
         "trainer.deterministic",
         "trainer.eval_only",
