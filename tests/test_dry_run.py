@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import TINY_RUN, env_for, train
 from train.config import ConfigError
-from train.dry_run import GiB, describe_ranks, device_memory
+from train.dry_run import DOES_NOT_FIT, GiB, describe_ranks, device_memory
 
 LLAMA3_70B = 70_553_706_496  # transformers' count of Llama-3.1-70B's config (tests/test_hf.py)
 ON_512 = ["model=llama3_70b", "parallel.tp=8", "parallel.dp_shard=64", "trainer.seq_len=8192", "trainer.batch_size=64"]
@@ -58,7 +58,7 @@ def test_llama3_70b_on_512_ranks_holds_a_512th_of_the_model_per_rank(tmp_path, r
     fp32 parameters and gradients per rank; AdamW's state twice that plus one 4-byte step count per tensor. 80 GB
     does not hold the fp32 activations of 8192 tokens without activation checkpointing."""
     done, report = dry_run(tmp_path, ["--world-size", "512", "--rank", str(rank), "--device-memory", "80GB"], ON_512)
-    assert done.returncode == 1, done.stderr[-3000:]  # does not fit
+    assert done.returncode == DOES_NOT_FIT, done.stderr[-3000:]
     tensors = 80 * 9 + 3  # per block q, k, v, o, gate, up, down and two norms; embedding, final norm, head
     norms = (80 * 2 + 1) * 8192
     per_rank = (LLAMA3_70B - norms) // 512 + norms // 64
@@ -82,7 +82,7 @@ def test_a_layout_too_big_for_the_device_names_its_largest_part(tmp_path):
         "trainer.activation_checkpointing=full",
     ]
     done, report = dry_run(tmp_path, ["--world-size", "8", "--device-memory", "h100"], overrides)
-    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.returncode == DOES_NOT_FIT, done.stderr[-3000:]
     memory = report["memory"]
     assert memory["parameters"] == 4 * LLAMA3_70B and memory["optimizer"] > memory["activations"]
     assert done.stdout.strip().splitlines()[-1].startswith("does not fit: ")

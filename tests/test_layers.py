@@ -281,8 +281,8 @@ def test_threaded_process_group_sums_across_threads():
 @pytest.mark.parametrize(
     "world, sizes, expected",
     [
-        (16, dict(tp=2, cp=2, pp=2, dp_shard=2), [0, 1, 4, 5, 8, 9, 12, 13]),  # CP peers (0 and 2) hold the same
-        (8, dict(tp=2, cp=2), [0, 1]),  # two batches of cp pairs: the replicas of rank 0 and 1
+        (16, dict(tp=2, cp=2, pp=2, dp_shard=2), [0, 1, 6, 7, 8, 9, 14, 15]),  # FSDP2 shards over dp_shard x cp
+        (8, dict(tp=2, cp=2), [0, 1]),  # no FSDP2: CP peers and replicas hold what ranks 0 and 1 hold
         (16, dict(tp=2, dp_shard=4, dp_replicate=2), [0, 1, 6, 7]),
         (512, dict(tp=8, dp_shard=64), [0, 7, 504, 511]),
     ],

@@ -175,11 +175,12 @@ class ParallelDims:
 
     def distinct_ranks(self) -> list[int]:
         """One rank of every position whose pieces can differ in size: each pipeline stage, its first and last TP
-        rank (a padded vocabulary's last rows), its first and last FSDP2 shard (FSDP2 pads the last). CP ranks
-        and replicas hold what the first of them holds. Ranks are `(pp, dp_replicate, dp_shard, cp, tp)`-ordered."""
-        shards = self.dp_shard
-        grid = torch.arange(self.world_size).reshape(self.pp, self.dp // shards, shards, self.cp, self.tp)
-        picked = {int(grid[s, 0, d, 0, t]) for s in range(self.pp) for d in {0, shards - 1} for t in {0, self.tp - 1}}
+        rank (a padded vocabulary's last rows), its first and last FSDP2 shard (FSDP2 pads the last; it shards
+        over dp_shard x cp, so CP ranks hold different shards). Without FSDP2, CP ranks and replicas hold what
+        the first of them holds. Ranks are laid out `(pp, dp_replicate, dp_shard x cp, tp)`, as `build` does."""
+        shards = self.dp_shard * self.cp if self.dp_shard > 1 else 1
+        grid = torch.arange(self.world_size).reshape(self.pp, -1, shards, self.tp)
+        picked = {int(grid[s, 0, d, t]) for s in range(self.pp) for d in {0, shards - 1} for t in {0, self.tp - 1}}
         return sorted(picked)
 
     def build(self, device_type: str) -> ParallelGroups:

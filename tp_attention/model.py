@@ -420,6 +420,9 @@ class GPT(nn.Module):
         skipped. Only this training forward uses sequence and context parallelism (when the model was built with them);
         under context parallelism it is the mean over this CP rank's tokens (see the class docstring).
 
+        A pipeline stage (`tp_attention.pipeline.split_model`) runs its part instead: `_stage_forward(idx)`, or
+        with `targets` the last stage's loss of its own output `idx` (`_stage_loss`).
+
         `attention_mask` `[B, T_cached + T]` (1 = token, 0 = padding, Hugging Face's convention): padded
         keys are never attended to, positions count per sequence (left padding), and the loss skips the
         positions whose token is padding.

@@ -151,9 +151,10 @@ def split_model(model: GPT, stage: Stage) -> list[nn.Module]:
 
 
 def stage_loss(model: GPT, ignore_index: int = -100) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The last stage's loss: `loss_fn(hidden [B, T / cp, E], targets [B, T])` is `model(hidden, targets)`, the
-    LM head and vocab-parallel cross-entropy chunk by chunk (`GPT._stage_loss`), the mean over the micro-batch's
-    tokens. A call of the module, so that FSDP2 gathers the head's weight for it."""
+    """The last stage's loss: `loss_fn(hidden, targets [B, T])` is `model(hidden, targets)`, the LM head and
+    vocab-parallel cross-entropy chunk by chunk (`GPT._stage_loss`), the mean over the micro-batch's tokens;
+    `hidden` is `[B, T / cp, E]` (`/ tp` more under sequence parallelism). A call of the module, so that FSDP2
+    gathers the head's weight for it."""
 
     def loss_fn(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return model(hidden, targets, ignore_index=ignore_index)

@@ -113,7 +113,13 @@ class VocabParallelEmbedding(nn.Module):
         computed `loss_chunk_tokens(local_vocab, chunk_bytes)` tokens at a time: no more than one chunk's
         `[chunk, local_vocab]` fp32 logits (and their gradient) exist at once, and backward recomputes each
         chunk's logits. Tokens that fit in one chunk take the unchunked path itself (`logits`, then
-        `vocab_parallel_cross_entropy`). Equals that path; the same two all-reduces of `[N]`-sized tensors."""
+        `vocab_parallel_cross_entropy`). Equals that path; the same two all-reduces of `[N]`-sized tensors.
+
+        `h` is `[B, T, E]`, or this rank's tokens `[B, T / tp, E]` with `sequence_parallel` (all-gathered first).
+
+        Raises:
+            ValueError: `chunk_bytes` < 1.
+        """
         chunk = loss_chunk_tokens(self.local_vocab, chunk_bytes)
         if targets.numel() <= chunk:
             logits = self.logits(h, sequence_parallel)  # (B, T, V_local)
@@ -189,7 +195,8 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, target, vocab_start, local_real, ignore_index, group, chunk):
         # h (N, E) after f (or the SP gather), weight (V_local, E), target (N,)
         device = h.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        ctx.autocast = (device, autocast, torch.get_autocast_dtype(device) if autocast else torch.float32)
         ctx.chunk, ctx.local_real = chunk, local_real
         n, local_vocab = h.size(0), weight.size(0)
         valid = target != ignore_index

@@ -17,8 +17,8 @@ It prints which ranks form each of this rank's groups, the bytes of parameters, 
 saved activations (measured; the memory report's estimate beside them), the step's collectives, and whether
 the rank fits `--device-memory` (`80GB`, `40GiB`, or a GPU name: see `GPUS`). `--all-ranks` plays, each in
 its own process, every rank position whose pieces can differ (`ParallelDims.distinct_ranks`) and reports the
-worst. `--json PATH` writes the report. Exit status: 0 fits (or no device given), 1 does not fit, 2 a config
-error (the same line the training job prints).
+worst. `--json PATH` writes the report. Exit status: 0 fits (or no device given), 3 does not fit, 2 a config
+error (the same line the training job prints), 1 a failure of the rank's step (its traceback).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ GPUS = {  # memory as NVIDIA sells it, read as GiB (torch.cuda reports a little 
 UNITS = {"gb": 10**9, "gib": GiB, "mb": 10**6, "mib": 2**20, "tb": 10**12, "tib": 2**40}
 FORCED = ["parallel.device=cpu", "parallel.shm_collectives=false", "trainer.log_with=[]", "trainer.progress=false"]
 REAL_STEP_SECONDS = 60  # a rank whose weights take longer to draw than this runs on fake tensors
+DOES_NOT_FIT = 3  # the exit status (1 is Python's for an exception)
 DRAW_PER_SECOND = 1e8  # parameters reset_parameters draws per second here, about (every rank draws the whole model)
 
 
@@ -144,11 +145,13 @@ def estimate(conf: TrainConfig, world_size: int) -> tuple[int, float]:
     return 16 * parameters // shards + activations, parameters / DRAW_PER_SECOND
 
 
-def bucket_all_reduce(state, bucket):
-    """DDP's bucket all-reduce (of a `dist.GradBucket`) as a Python comm hook: the fake backend's own work hands
-    DDP's reducer no tensor back, and here the all-reduces are counted (DDP's C++ reducer's are not)."""
+def bucket_all_reduce(group, bucket):  # unannotated: DDP refuses a hook whose annotations are strings
+    """DDP's own averaging of a `dist.GradBucket` over `group` (its DP group), as a Python comm hook: the fake
+    backend's work hands DDP's C++ reducer no tensor back, and here the all-reduces are counted (the reducer's
+    are not)."""
     buffer = bucket.buffer()
-    dist.all_reduce(buffer)
+    dist.all_reduce(buffer, group=group)
+    buffer.div_(dist.get_world_size(group))
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(buffer)
     return future
@@ -183,6 +186,7 @@ def shapes_step(trainer: Trainer) -> None:
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
+    """The global ranks of `group`; this rank alone for None (an axis of size 1)."""
     return [dist.get_rank()] if group is None else dist.get_process_group_ranks(group)
 
 
@@ -234,7 +238,7 @@ def play(world_size: int, rank: int, overrides: list[str], tensors: str) -> dict
         if trainer.schedule is not None:
             vote_static(trainer.schedule)
         if isinstance(trainer.wrapped, DistributedDataParallel):
-            trainer.wrapped.register_comm_hook(None, bucket_all_reduce)
+            trainer.wrapped.register_comm_hook(trainer.dp_group, bucket_all_reduce)
         try:
             if real:
                 trainer.measured_step(trainer.step)
@@ -292,7 +296,12 @@ def fits(report: dict[str, Any], capacity: int) -> tuple[bool, str]:
     memory = {k: v for k, v in report["memory"].items() if k != "total"}
     total = report["memory"]["total"]
     if total <= capacity:
-        return True, f"fits: {size(total)} of {size(capacity)} ({total / capacity:.0%})"
+        tight = (
+            "; under 10% is left for what is not counted (the notes, the CUDA context)"
+            if total > 0.9 * capacity
+            else ""
+        )
+        return True, f"fits: {size(total)} of {size(capacity)} ({total / capacity:.0%}){tight}"
     largest = max(memory, key=memory.get)
     return (
         False,
@@ -343,7 +352,8 @@ def all_ranks(world_size: int, overrides: list[str], tensors: str) -> list[dict[
                 [*command, "--tensors", tensors, "--json", str(out), *overrides], capture_output=True, text=True
             )
             if done.returncode == 2:
-                raise ConfigError(done.stderr.strip().removeprefix("config error: "))
+                said = [line for line in done.stderr.splitlines() if line.startswith("config error: ")]
+                raise ConfigError(said[-1].removeprefix("config error: ") if said else done.stderr.strip())
             if done.returncode != 0:
                 raise RuntimeError(f"rank {rank}'s dry run failed:\n{done.stderr[-3000:]}")
             reports.append(json.loads(out.read_text()))
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = reports[0] if len(reports) == 1 and not args.all_ranks else {"ranks": reports, "worst": worst["rank"]}
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    sys.exit(0 if fit is not False else 1)
+    sys.exit(0 if fit is not False else DOES_NOT_FIT)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,9 @@ class _Saved:
 class SavedActivations:
     """`with SavedActivations(): ...` tracks the bytes of the storages autograd saves for backward, each storage
     once, from when it is first saved until backward releases it; `peak` is the most held at once (every
-    micro-batch a pipeline schedule keeps in flight, for example). Parameters are left out (FSDP2's unsharded
-    ones included), and meta tensors (torch's pipeline stages infer shapes with them); a checkpointed block's
-    recomputed tensors are not saved, only its input. Fake tensors count as the real ones would."""
+    micro-batch a pipeline schedule keeps in flight, for example). Parameters and views of them are left out
+    (FSDP2's unsharded ones included), and meta tensors (torch's pipeline stages infer shapes with them); a
+    checkpointed block's recomputed tensors are not saved, only its input. Fake tensors count as real ones."""
 
     def __init__(self) -> None:
         self.live: dict[int, list[int]] = {}  # storage -> [holders, bytes]
@@ -91,8 +91,8 @@ class SavedActivations:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor) -> Any:
-        if isinstance(t, nn.Parameter) or t.is_meta:  # a meta tensor holds nothing (torch's shape inference)
-            return t
+        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) or t.is_meta:
+            return t  # a weight (or F.linear's `weight.t()`), or a meta tensor, which holds nothing (shape inference)
         try:
             storage = getattr(t, "_local_tensor", t).untyped_storage()
         except (RuntimeError, NotImplementedError):  # a wrapper without storage: its local piece is saved too
