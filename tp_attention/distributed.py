@@ -173,12 +173,17 @@ class ParallelDims:
         """Ranks that see different batches: dp_replicate x dp_shard."""
         return self.world_size // self.model_parallel_size
 
+    @property
+    def fsdp_shards(self) -> int:
+        """How many pieces FSDP2 splits each parameter into: dp_shard x cp (torchtitan's dp_shard_cp), or 1."""
+        return self.dp_shard * self.cp if self.dp_shard > 1 else 1
+
     def distinct_ranks(self) -> list[int]:
         """One rank of every position whose pieces can differ in size: each pipeline stage, its first and last TP
         rank (a padded vocabulary's last rows), its first and last FSDP2 shard (FSDP2 pads the last; it shards
         over dp_shard x cp, so CP ranks hold different shards). Without FSDP2, CP ranks and replicas hold what
         the first of them holds. Ranks are laid out `(pp, dp_replicate, dp_shard x cp, tp)`, as `build` does."""
-        shards = self.dp_shard * self.cp if self.dp_shard > 1 else 1
+        shards = self.fsdp_shards
         grid = torch.arange(self.world_size).reshape(self.pp, -1, shards, self.tp)
         picked = {int(grid[s, 0, d, t]) for s in range(self.pp) for d in {0, shards - 1} for t in {0, self.tp - 1}}
         return sorted(picked)

@@ -148,6 +148,17 @@ class VocabParallelEmbedding(nn.Module):
         )
 
 
+def _local_targets(
+    target: torch.Tensor, vocab_start: int, local_vocab: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For global ids `target` `[N]`: (not ignored, the id as this rank's column clamped into range, whether that
+    column is on this rank) -- the masks both cross-entropies take the target logit with."""
+    valid = target != ignore_index
+    local_target = target - vocab_start
+    here = valid & (local_target >= 0) & (local_target < local_vocab)
+    return valid, local_target.clamp(0, local_vocab - 1), here
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy from vocab-sharded logits: two all-reduces of `[N]`-sized tensors."""
 
@@ -158,10 +169,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_vocab = logits.size(-1)
         row_max = all_reduce_in_place(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
         shifted = logits - row_max[:, None]
-        valid = target != ignore_index
-        local_target = target - vocab_start
-        here = valid & (local_target >= 0) & (local_target < local_vocab)  # target row on this rank
-        local_target = local_target.clamp(0, local_vocab - 1)
+        valid, local_target, here = _local_targets(target, vocab_start, local_vocab, ignore_index)
         target_logit = torch.where(here, shifted.gather(-1, local_target[:, None]).squeeze(-1), 0.0)  # pad: -inf
         exp = shifted.exp()
         stats = all_reduce_in_place(torch.stack([exp.sum(dim=-1), target_logit]), group)  # (2, N): one for both
@@ -199,10 +207,7 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         ctx.autocast = (device, autocast, torch.get_autocast_dtype(device) if autocast else torch.float32)
         ctx.chunk, ctx.local_real = chunk, local_real
         n, local_vocab = h.size(0), weight.size(0)
-        valid = target != ignore_index
-        local_target = target - vocab_start
-        here = valid & (local_target >= 0) & (local_target < local_vocab)  # target column on this rank
-        local_target = local_target.clamp(0, local_vocab - 1)
+        valid, local_target, here = _local_targets(target, vocab_start, local_vocab, ignore_index)
         lse = torch.empty(n, device=h.device)  # this rank's columns' log-sum-exp
         target_logit = torch.empty(n, device=h.device)
         for start in range(0, n, chunk):

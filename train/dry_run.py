@@ -140,7 +140,7 @@ def estimate(conf: TrainConfig, world_size: int) -> tuple[int, float]:
     micro, _ = batch_layout(t, dims.dp, dims.dp_formula, pipeline_microbatches(p))
     with torch.device("meta"):
         parameters = GPT.from_config(cfg).num_parameters(exclude_position_embeddings=False)
-    shards = p.tp * p.pp * (p.dp_shard * p.cp if p.dp_shard > 1 else 1)
+    shards = p.tp * p.pp * dims.fsdp_shards
     activations = activation_bytes(cfg, micro, t.seq_len, p.tp, cp=p.cp, loss_chunk_bytes=t.loss_chunk_mib * 2**20)
     return 16 * parameters // shards + activations, parameters / DRAW_PER_SECOND
 
